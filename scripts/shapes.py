@@ -41,15 +41,15 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
 }
 POSITIONS: dict[str, tuple[float, float]] = {  # name -> (x, y) of the shape's bounding-box centre
     "centre": (16.0, 16.0),
-    "top-left": (9.0, 9.0),
-    "top-right": (23.0, 9.0),
-    "bottom-left": (9.0, 23.0),
-    "bottom-right": (23.0, 23.0),
+    "top-left": (10.0, 10.0),
+    "top-right": (22.0, 10.0),
+    "bottom-left": (10.0, 22.0),
+    "bottom-right": (22.0, 22.0),
 }
 SIZES: dict[str, float] = {  # name -> side of the shape's bounding box, pixels (all 4 shapes fill it)
-    "small": 8.0,
-    "medium": 12.0,
-    "large": 16.0,
+    "small": 10.0,
+    "medium": 14.0,
+    "large": 18.0,
 }
 
 # The skewed distributions of the free attributes (probabilities; each sums to 1).
@@ -114,6 +114,7 @@ def _edges(shape: str) -> np.ndarray:
 
 
 _EDGES = {s: _edges(s) for s in SHAPES if s != "circle"}
+_AREA_FACTOR = {"circle": np.pi / 4.0, "square": 1.0, "triangle": 0.5, "diamond": 0.5}  # area / side**2
 _PIX = np.arange(SIZE) + 0.5  # pixel centres
 
 
@@ -233,7 +234,7 @@ _FINE = np.stack(np.meshgrid([-0.5, 0.0, 0.5], [-0.5, 0.0, 0.5], [-0.5, 0.0, 0.5
 # Thresholds of the oracle (RGB distances are Euclidean on 0..255).
 OBJECT_DISTANCE = 60.0     # a pixel this far from the background seeds the object
 MIN_OBJECT_AREA = 4        # pixels (coverage > 1/2) for an object to count as found
-CLEAN_MIN_IOU = 0.85       # best template soft-IoU for a crisp shape
+CLEAN_MIN_IOU = 0.90       # best template soft-IoU for a crisp shape
 CLEAN_MAX_STRAY = 2        # object-coloured pixels allowed outside the main object
 CLEAN_MAX_BG_SPREAD = 20.0  # 95th percentile distance of background pixels from the background
 CLEAN_MAX_BG_ERROR = 40.0   # distance of the background from its palette colour
@@ -362,7 +363,16 @@ def read(image) -> dict:
     rows, cols = np.nonzero(main)
     x0, x1, y0, y1 = cols.min(), cols.max() + 1, rows.min(), rows.max() + 1
     cx0, cy0, side0 = (x0 + x1) / 2.0, (y0 + y1) / 2.0, float(max(x1 - x0, y1 - y0))
-    best = {shape: _fit(shape, a_obj, cx0, cy0, side0) for shape in SHAPES}
+    # Each shape also gets a guess from the moments of the coverage (robust to ragged edges); the
+    # better of the two searches counts.
+    area = float(a_obj.sum())
+    mx = float((a_obj.sum(axis=0) * _PIX).sum() / area)
+    my = float((a_obj.sum(axis=1) * _PIX).sum() / area)
+    best = {}
+    for shape in SHAPES:
+        side_m = float(np.sqrt(area / _AREA_FACTOR[shape]))
+        my_s = my - (side_m / 6.0 if shape == "triangle" else 0.0)  # the triangle's centroid is r/3 low
+        best[shape] = max(_fit(shape, a_obj, cx0, cy0, side0), _fit(shape, a_obj, mx, my_s, side_m))
     ranked = sorted(SHAPES, key=lambda s: -best[s][0])
     shape = ranked[0]
     iou, cx, cy, side = best[shape]

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 import numpy as np
 import pytest
 import torch
@@ -41,9 +42,6 @@ def write_back(module, model, path: Path, config: dict):
     """Save an MLX model as a HF folder via unsanitize, as a training script would."""
     path.mkdir()
     (path / "config.json").write_text(json.dumps(config))
-    flat = dict(mx.utils.tree_flatten(model.parameters())) if hasattr(mx, "utils") else None
-    from mlx.utils import tree_flatten
-
     flat = dict(tree_flatten(model.parameters()))
     name = "diffusion_pytorch_model.safetensors" if module is autoencoder else "model.safetensors"
     mx.save_safetensors(str(path / name), module.unsanitize(flat), metadata={"format": "pt"})
@@ -222,7 +220,8 @@ def test_vae_matches_diffusers(tmp_path, quant_convs, attention):
         "sample": max_err(model.encode(mx.array(x), noise=mx.array(noise)), nhwc(e_sample)),
         "decode": max_err(model.decode(mx.array(z)), nhwc(e_image)),
     }
-    print(f"VAE quant_convs={quant_convs} attention={attention}: " + ", ".join(f"{k} {v:.2e}" for k, v in errs.items()))
+    report = ", ".join(f"{k} {v:.2e}" for k, v in errs.items())
+    print(f"VAE quant_convs={quant_convs} attention={attention}: {report}")
     assert max(errs.values()) <= TOL
 
 
@@ -244,8 +243,6 @@ def test_vae_weight_files(tmp_path):
 def test_vae_is_differentiable(tmp_path):
     """Authority: none (a property the VAE training script needs): mx.grad reaches every parameter
     through encode with noise and decode, and the gradient is finite."""
-    from mlx.utils import tree_flatten
-
     _, config, weights = vae_reference(tmp_path, quant_convs=True)
     model = build(autoencoder, autoencoder.AutoencoderKL, config, weights)
     x = mx.random.uniform(-1, 1, (1, 16, 16, 3), key=mx.random.key(0))

@@ -88,7 +88,7 @@ class Upsample2D(nn.Module):
 class DownEncoderBlock2D(nn.Module):
     def __init__(self, groups: int, in_channels: int, out_channels: int, layers: int, downsample: bool):
         super().__init__()
-        self.resnets = [ResnetBlock2D(groups, in_channels if i == 0 else out_channels, out_channels) for i in range(layers)]
+        self.resnets = [ResnetBlock2D(groups, c, out_channels) for c in [in_channels] + [out_channels] * (layers - 1)]
         if downsample:
             self.downsamplers = [Downsample2D(out_channels)]
 
@@ -101,7 +101,7 @@ class DownEncoderBlock2D(nn.Module):
 class UpDecoderBlock2D(nn.Module):
     def __init__(self, groups: int, in_channels: int, out_channels: int, layers: int, upsample: bool):
         super().__init__()
-        self.resnets = [ResnetBlock2D(groups, in_channels if i == 0 else out_channels, out_channels) for i in range(layers)]
+        self.resnets = [ResnetBlock2D(groups, c, out_channels) for c in [in_channels] + [out_channels] * (layers - 1)]
         if upsample:
             self.upsamplers = [Upsample2D(out_channels)]
 
@@ -112,7 +112,7 @@ class UpDecoderBlock2D(nn.Module):
 
 
 def _check(config: dict):
-    types = set(config.get("down_block_types", ["DownEncoderBlock2D"])) | set(config.get("up_block_types", ["UpDecoderBlock2D"]))
+    types = set(config.get("down_block_types", [])) | set(config.get("up_block_types", []))
     if config.get("act_fn", "silu") != "silu" or not types <= {"DownEncoderBlock2D", "UpDecoderBlock2D"}:
         raise ValueError(f"unsupported AutoencoderKL: act_fn {config.get('act_fn')}, blocks {sorted(types)}")
 
@@ -120,10 +120,11 @@ def _check(config: dict):
 class Encoder(nn.Module):
     def __init__(self, config: dict):
         super().__init__()
-        ch, groups, n = config["block_out_channels"], config.get("norm_num_groups", 32), config.get("layers_per_block", 2)
+        ch, n, groups = config["block_out_channels"], config["layers_per_block"], config.get("norm_num_groups", 32)
         self.conv_in = nn.Conv2d(config.get("in_channels", 3), ch[0], 3, padding=1)
         self.down_blocks = [
-            DownEncoderBlock2D(groups, ch[max(i - 1, 0)], ch[i], n, downsample=i < len(ch) - 1) for i in range(len(ch))
+            DownEncoderBlock2D(groups, ch[max(i - 1, 0)], ch[i], n, downsample=i < len(ch) - 1)
+            for i in range(len(ch))
         ]
         self.mid_block = UNetMidBlock2D(groups, ch[-1], config.get("mid_block_add_attention", True))
         self.conv_norm_out = group_norm(groups, ch[-1])
@@ -139,11 +140,13 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     def __init__(self, config: dict):
         super().__init__()
-        ch, groups, n = config["block_out_channels"][::-1], config.get("norm_num_groups", 32), config.get("layers_per_block", 2)
+        ch = config["block_out_channels"][::-1]  # deepest first, as diffusers builds the decoder
+        n, groups = config["layers_per_block"], config.get("norm_num_groups", 32)
         self.conv_in = nn.Conv2d(config.get("latent_channels", 4), ch[0], 3, padding=1)
         self.mid_block = UNetMidBlock2D(groups, ch[0], config.get("mid_block_add_attention", True))
         self.up_blocks = [
-            UpDecoderBlock2D(groups, ch[max(i - 1, 0)], ch[i], n + 1, upsample=i < len(ch) - 1) for i in range(len(ch))
+            UpDecoderBlock2D(groups, ch[max(i - 1, 0)], ch[i], n + 1, upsample=i < len(ch) - 1)
+            for i in range(len(ch))
         ]
         self.conv_norm_out = group_norm(groups, ch[-1])
         self.conv_out = nn.Conv2d(ch[-1], config.get("out_channels", 3), 3, padding=1)
@@ -159,6 +162,7 @@ class AutoencoderKL(nn.Module):
     def __init__(self, config: dict):
         super().__init__()
         _check(config)
+        self.config = dict(config)  # kept for saving; holds no arrays
         self.scaling_factor = float(config.get("scaling_factor", 0.18215))
         self.shift_factor = float(config.get("shift_factor") or 0.0)
         self.encoder = Encoder(config)

@@ -27,7 +27,8 @@ class CLIPAttention(nn.Module):
 
     def __call__(self, x):
         B, L, D = x.shape
-        q, k, v = (p(x).reshape(B, L, self.heads, -1).transpose(0, 2, 1, 3) for p in (self.q_proj, self.k_proj, self.v_proj))
+        heads = lambda t: t.reshape(B, L, self.heads, -1).transpose(0, 2, 1, 3)
+        q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
         out = mx.fast.scaled_dot_product_attention(q, k, v, scale=(D // self.heads) ** -0.5, mask="causal")
         return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, L, D))
 
@@ -105,6 +106,7 @@ class CLIPTextModel(nn.Module):
     def __init__(self, config: dict):
         super().__init__()
         self.text_model = CLIPTextTransformer(config)
+        self.config = dict(config)  # kept for saving; holds no arrays
 
     def __call__(self, input_ids: mx.array):
         return self.text_model(input_ids)

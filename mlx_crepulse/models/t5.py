@@ -64,7 +64,8 @@ class T5Attention(nn.Module):
 
     def __call__(self, x: mx.array, bias: mx.array) -> mx.array:
         B, L, _ = x.shape
-        q, k, v = (p(x).reshape(B, L, self.num_heads, self.d_kv).transpose(0, 2, 1, 3) for p in (self.q, self.k, self.v))
+        heads = lambda t: t.reshape(B, L, self.num_heads, self.d_kv).transpose(0, 2, 1, 3)
+        q, k, v = heads(self.q(x)), heads(self.k(x)), heads(self.v(x))
         # T5 folds the 1/sqrt(d) scale into its weights, hence scale 1.
         out = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=bias.astype(q.dtype))
         return self.o(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
@@ -137,6 +138,7 @@ class T5Encoder(nn.Module):
     def __init__(self, config: dict):
         super().__init__()
         self.shared = nn.Embedding(config["vocab_size"], config["d_model"])
+        self.config = dict(config)  # kept for saving; holds no arrays
         self.encoder = T5Stack(config)
 
     def __call__(self, input_ids: mx.array) -> mx.array:

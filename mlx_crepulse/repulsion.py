@@ -1,0 +1,350 @@
+"""Contextual repulsion (Dahary et al. 2026), its baselines, contextual blending and the Vendi score.
+
+The batch's diversity is measured by H, the entropy of the eigenvalues of the normalised cosine kernel
+of the samples (log of the Vendi score). Repulsion ascends H with respect to the transformer's
+activations after chosen blocks: `x <- x + (scale / iterations) * dH/dx`, `iterations` times.
+
+Every quantity H depends on is a function of the Gram matrix S = X X^T of the flattened samples, and
+dH/dX = (G + G^T) X with G = dH/dS. So each ascent step is X <- (I + A) X with a small B x B matrix A:
+the iterations run on B x B matrices and touch the (B, N*D) activations only twice (once for S, once
+to apply the accumulated B x B transform). That is what makes repulsion nearly free; it is exact, not
+an approximation (`ascend_direct` runs the textbook loop and the tests compare the two).
+"""
+
+from dataclasses import asdict, dataclass, field
+from typing import Optional, Union
+
+import mlx.core as mx
+import numpy as np
+
+SIGNATURE_DIM = 256
+
+
+# --- the entropy and its gradient ------------------------------------------------------------------------
+
+@mx.custom_function
+def kernel_entropy(k: mx.array, eps: mx.array) -> mx.array:
+    """sum over groups of -sum(lam * log lam), lam the eigenvalues of k (G, B, B) clamped at eps."""
+    lam = mx.maximum(mx.linalg.eigvalsh(k, stream=mx.cpu), eps)
+    return -(lam * mx.log(lam)).sum()
+
+
+@kernel_entropy.vjp
+def _kernel_entropy_vjp(primals, cotangent, output):
+    # MLX has no derivative for eigh. dH/dK = U diag(-(log lam + 1)) U^T, with zero weight where the
+    # eigenvalue was clamped (as torch's autograd through clamp_min gives).
+    k, eps = primals
+    lam, u = mx.linalg.eigh(k, stream=mx.cpu)
+    w = mx.where(lam >= eps, -(mx.log(mx.maximum(lam, eps)) + 1), 0.0)
+    g = (u * w[..., None, :]) @ u.swapaxes(-1, -2)
+    return cotangent * g, mx.zeros_like(eps)
+
+
+def cosine_kernel(gram: mx.array) -> mx.array:
+    """Normalised cosine kernel K / B (trace 1) from a Gram matrix (G, B, B)."""
+    d = mx.rsqrt(mx.diagonal(gram, axis1=-2, axis2=-1))
+    return gram * d[..., :, None] * d[..., None, :] / gram.shape[-1]
+
+
+def entropy_of_gram(gram: mx.array, eps: float = 1e-6) -> mx.array:
+    return kernel_entropy(cosine_kernel(gram), mx.array(eps, mx.float32))
+
+
+def entropy(x: mx.array, eps: float = 1e-6) -> mx.array:
+    """H of each group's samples: x is (G, B, ...) and each sample is flattened."""
+    f = x.reshape(*x.shape[:2], -1).astype(mx.float32)
+    return entropy_of_gram(f @ f.swapaxes(-1, -2), eps)
+
+
+def vendi_score(features, eps: float = 0.0) -> float:
+    """The Vendi score of a set of feature vectors (n, d): exp of the entropy of the eigenvalues of
+    the normalised cosine-similarity kernel, as in the vendi-score package."""
+    x = np.asarray(features, np.float64).reshape(len(features), -1)
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    lam = np.linalg.eigvalsh(x @ x.T / len(x))
+    lam = lam[lam > max(eps, 1e-12)]
+    return float(np.exp(-(lam * np.log(lam)).sum()))
+
+
+def ascend(x: mx.array, scale: float, iterations: int, eps: float = 1e-6) -> mx.array:
+    """`iterations` steps of x <- x + (scale / iterations) dH/dx, each group (G, B, ...) on its own,
+    run in the B x B space of the Gram matrix (see the module docstring)."""
+    G, B = x.shape[:2]
+    f = x.reshape(G, B, -1).astype(mx.float32)
+    gram = f @ f.swapaxes(-1, -2)
+    step = scale / iterations
+    w = mx.broadcast_to(mx.eye(B), (G, B, B))
+    dgram = mx.grad(entropy_of_gram)
+    for _ in range(iterations):
+        g = dgram(gram, eps)
+        m = mx.eye(B) + step * (g + g.swapaxes(-1, -2))
+        w = m @ w
+        gram = m @ gram @ m.swapaxes(-1, -2)
+    return (w @ f).reshape(x.shape).astype(x.dtype)
+
+
+def ascend_direct(x: mx.array, scale: float, iterations: int, eps: float = 1e-6) -> mx.array:
+    """The same update written as the paper states it, on the full activations (for tests)."""
+    grad = mx.grad(lambda y: entropy(y, eps))
+    for _ in range(iterations):
+        x = x + (scale / iterations) * grad(x)
+    return x
+
+
+# --- compact signatures and a reference set --------------------------------------------------------------
+
+def _projection(dim: int) -> Optional[mx.array]:
+    if dim <= SIGNATURE_DIM:
+        return None
+    return mx.random.normal((dim, SIGNATURE_DIM), key=mx.random.key(20260328)) / SIGNATURE_DIM ** 0.5
+
+
+def signature(txt: mx.array) -> mx.array:
+    """A compact contextual signature per sample: the mean enriched text token, randomly projected to
+    256 numbers (a fixed projection; cosine similarities are kept, Johnson-Lindenstrauss), float16.
+    512 bytes an image at FLUX's width: 1,000 images take 0.5 MB."""
+    m = txt.astype(mx.float32).mean(axis=1)
+    p = _projection(m.shape[-1])
+    return (m if p is None else m @ p).astype(mx.float16)
+
+
+def reference_entropy(txt: mx.array, reference: mx.array, eps: float) -> mx.array:
+    """H of the joint kernel of the batch's signatures and a fixed reference set; only the batch moves."""
+    m = txt.astype(mx.float32).mean(axis=1)
+    p = _projection(m.shape[-1])
+    f = mx.concatenate([m if p is None else m @ p, reference.astype(mx.float32)], axis=0)[None]
+    return entropy_of_gram(f @ f.swapaxes(-1, -2), eps)
+
+
+# --- the methods -------------------------------------------------------------------------------------------
+
+class Method:
+    """A way of making a batch diverse. The sampler calls three narrow points; each defaults to nothing."""
+
+    def validate(self, n: int, transformer) -> None:
+        if n < 2:
+            raise ValueError(f"{type(self).__name__} needs a batch of at least 2 images to push apart, not n={n}")
+
+    def condition(self, step: int, sigma: float, txt: mx.array, pooled: mx.array):
+        return txt, pooled
+
+    def hook(self, step: int, groups: int):
+        return None
+
+    def velocity(self, step: int, sigma: float, x: mx.array, v: mx.array) -> mx.array:
+        return v
+
+    def to_dict(self) -> dict:
+        d = {k: v for k, v in asdict(self).items() if k != "reference"}
+        d["method"] = type(self).__name__
+        if getattr(self, "reference", None) is not None:
+            d["reference_size"] = len(self.reference)
+        return d
+
+
+@dataclass
+class Repulsion(Method):
+    """Contextual repulsion. `blocks`: "double" (text tokens after each double-stream block), "single"
+    (the whole sequence after each single-stream block), "all", or a list of double-block indices.
+    `tokens="image"` repels the image tokens instead (the paper's ablation). `reference`: signatures
+    (R, 256) of images already seen; the batch is also pushed away from the 64 nearest of them."""
+    scale: float = 1e8
+    iterations: int = 50
+    steps: int = 1
+    blocks: Union[str, list] = "all"
+    eps: float = 1e-6
+    tokens: str = "text"
+    reference: Optional[np.ndarray] = field(default=None, repr=False)
+    reference_scale: Optional[float] = None
+
+    def validate(self, n, transformer):
+        super().validate(n, transformer)
+        if not (isinstance(self.scale, (int, float)) and self.scale >= 0):
+            raise ValueError(f"repulsion scale must be 0 or more, not {self.scale!r}")
+        if not (isinstance(self.iterations, int) and self.iterations >= 1):
+            raise ValueError(f"repulsion iterations must be 1 or more, not {self.iterations!r}")
+        if not (isinstance(self.steps, int) and self.steps >= 0):
+            raise ValueError(f"repulsion steps must be 0 or more, not {self.steps!r}")
+        if self.tokens not in ("text", "image"):
+            raise ValueError(f"repulsion tokens must be 'text' or 'image', not {self.tokens!r}")
+        n_double = len(transformer.transformer_blocks)
+        if isinstance(self.blocks, str):
+            if self.blocks not in ("double", "single", "all"):
+                raise ValueError(f"repulsion blocks must be 'double', 'single', 'all' or a list of double-block "
+                                 f"indices, not {self.blocks!r}")
+        else:
+            bad = [b for b in self.blocks if not isinstance(b, int) or not 0 <= b < n_double]
+            if bad or not self.blocks:
+                raise ValueError(f"repulsion blocks {bad or self.blocks} out of range: this model has double "
+                                 f"blocks 0 to {n_double - 1}")
+        self._sig_block = n_double // 2
+        if self.reference is not None:
+            ref = np.asarray(self.reference)
+            if ref.ndim != 2 or ref.shape[1] != signature(mx.zeros((1, 1, transformer.x_embedder.weight.shape[0]))).shape[-1]:
+                raise ValueError(f"reference signatures must have shape (R, {SIGNATURE_DIM}) from this model, "
+                                 f"not {ref.shape}")
+
+    def _active(self, kind, index):
+        if kind == "double":
+            return self.blocks in ("double", "all") or (isinstance(self.blocks, list) and index in self.blocks)
+        return self.blocks in ("single", "all")
+
+    def hook(self, step, groups):
+        if step >= self.steps or (self.scale == 0 and self.reference is None):
+            return None
+        reference = None
+        if self.reference is not None and len(self.reference):
+            reference = mx.array(np.asarray(self.reference, np.float32))
+
+        def repel(kind, index, txt, img):
+            if not self._active(kind, index):
+                return txt, img
+            if kind == "single":  # the whole joint sequence of each sample
+                n_txt = txt.shape[1]
+                x = self._ascend(mx.concatenate([txt, img], axis=1), groups)
+                return x[:, :n_txt], x[:, n_txt:]
+            if self.tokens == "image":
+                return txt, self._ascend(img, groups)
+            txt = self._ascend(txt, groups)
+            if reference is not None and index == self._sig_block:
+                txt = self._away_from(txt, reference, groups)
+            return txt, img
+        return repel
+
+    def _ascend(self, x, groups):
+        if self.scale == 0:
+            return x
+        B = x.shape[0] // groups
+        return ascend(x.reshape(groups, B, *x.shape[1:]), self.scale, self.iterations, self.eps).reshape(x.shape)
+
+    def _away_from(self, txt, reference, groups):
+        """Ascend the entropy of the batch together with the nearest reference signatures (first group,
+        the conditional branch, only)."""
+        B = txt.shape[0] // groups
+        head = txt[:B]
+        sig = signature(head).astype(mx.float32)
+        ref = reference
+        if ref.shape[0] > 64:  # the 64 references nearest to this batch matter; the rest barely move H
+            cos = (ref / mx.linalg.norm(ref, axis=1, keepdims=True)) @ (sig / mx.linalg.norm(sig, axis=1, keepdims=True)).T
+            ref = ref[mx.argsort(-cos.max(axis=1))[:64]]
+        step = (self.reference_scale if self.reference_scale is not None else self.scale) / self.iterations
+        grad = mx.grad(lambda y: reference_entropy(y, ref, self.eps))
+        for _ in range(self.iterations):
+            head = head + step * grad(head)
+        return mx.concatenate([head, txt[B:]], axis=0) if groups > 1 else head
+
+
+@dataclass
+class ParticleGuidance(Method):
+    """Particle guidance (Corso et al. 2023) on the latents: an RBF kernel with the median bandwidth
+    h = median(|x_i - x_j|^2) / log(B - 1); each sample's velocity gets a repulsive term, scaled by the
+    noise level, while sigma > `until` (the noisy part of the trajectory)."""
+    scale: float = 1.0
+    until: float = 0.5
+
+    def validate(self, n, transformer):
+        super().validate(n, transformer)
+        if self.scale < 0:
+            raise ValueError(f"particle guidance scale must be 0 or more, not {self.scale}")
+
+    def velocity(self, step, sigma, x, v):
+        if sigma <= self.until or self.scale == 0:
+            return v
+        return v - self.scale * sigma * rbf_repulsion(x)
+
+
+def rbf_repulsion(x: mx.array) -> mx.array:
+    """-grad_x_i of sum_j k(x_i, x_j) for the RBF kernel with the median heuristic bandwidth: the
+    direction that moves each sample away from the others (B, ...)."""
+    B = x.shape[0]
+    f = x.reshape(B, -1)
+    sq = (f * f).sum(-1)
+    d2 = mx.maximum(sq[:, None] + sq[None] - 2 * f @ f.T, 0)
+    off = mx.sort(d2.reshape(-1)[mx.array(np.flatnonzero(~np.eye(B, dtype=bool)))])
+    median = (off[(off.size - 1) // 2] + off[off.size // 2]) / 2
+    # log(B - 1) is 0 for a pair; the PG paper's heuristic is for larger batches, so keep it positive
+    h = mx.maximum(median, 1e-8) / max(np.log(B - 1), 1.0)
+    k = mx.exp(-d2 / h)
+    # d/dx_i sum_j exp(-|x_i - x_j|^2 / h) = sum_j -2 (x_i - x_j) / h * k_ij
+    rep = (2 / h) * ((k.sum(1, keepdims=True) * f) - k @ f)
+    return rep.reshape(x.shape)
+
+
+@dataclass
+class CADS(Method):
+    """Condition-annealed sampling (Sadat et al. 2023): noise on the T5 tokens and the pooled vector,
+    y' = sqrt(g) y + s sqrt(1 - g) n, g from 0 at sigma >= tau2 to 1 at sigma <= tau1, then rescaled to
+    y's mean and std (mixed by psi). One noise per image, fixed for the whole trajectory."""
+    noise_scale: float = 0.25
+    tau1: float = 0.6
+    tau2: float = 0.9
+    psi: float = 1.0
+    seed: int = 0
+
+    def validate(self, n, transformer):
+        super().validate(n, transformer)
+        if self.noise_scale < 0 or not 0 <= self.tau1 <= self.tau2 <= 1:
+            raise ValueError("CADS needs noise_scale >= 0 and 0 <= tau1 <= tau2 <= 1")
+
+    def gamma(self, sigma):
+        if sigma <= self.tau1:
+            return 1.0
+        if sigma >= self.tau2:
+            return 0.0
+        return (self.tau2 - sigma) / (self.tau2 - self.tau1)
+
+    def condition(self, step, sigma, txt, pooled):
+        g = self.gamma(sigma)
+        if g >= 1 or self.noise_scale == 0:
+            return txt, pooled
+        B = txt.shape[0]
+        k1, k2 = mx.random.split(mx.random.key(self.seed))
+        pooled = mx.broadcast_to(pooled, (B,) + pooled.shape[1:])
+        return (self._anneal(txt, g, mx.random.normal(txt.shape, key=k1)),
+                self._anneal(pooled, g, mx.random.normal(pooled.shape, key=k2)))
+
+    def _anneal(self, y, g, noise):
+        y32 = y.astype(mx.float32)
+        noisy = g ** 0.5 * y32 + self.noise_scale * (1 - g) ** 0.5 * noise
+        axes = tuple(range(1, y.ndim))
+        mean, std = y32.mean(axes, keepdims=True), mx.sqrt(y32.var(axes, keepdims=True))
+        n_mean, n_std = noisy.mean(axes, keepdims=True), mx.sqrt(noisy.var(axes, keepdims=True))
+        rescaled = (noisy - n_mean) / n_std * std + mean
+        return (self.psi * rescaled + (1 - self.psi) * noisy).astype(y.dtype)
+
+
+@dataclass
+class Blend:
+    """Contextual blending (paper section 4). The batch is [A, B, A, A, ...]: rows 0 and 1 are the two
+    sources, generated as usual; each further row j has A's noise and, during the first `steps` steps,
+    its enriched text tokens after every double-stream block replaced by (1 - a_j) ctx_A + a_j ctx_B.
+    a below 0 extrapolates away from B, above 1 beyond it."""
+    alphas: list = field(default_factory=lambda: [0.5])
+    steps: int = 2
+
+    def validate(self, n):
+        if n != 2 + len(self.alphas):
+            raise ValueError(f"a blend batch is [A, B] plus one row per alpha: n must be {2 + len(self.alphas)}")
+        bad = [a for a in self.alphas if not -0.5 <= a <= 1.5]
+        if bad:
+            raise ValueError(f"blend alphas must lie in [-0.5, 1.5], not {bad}")
+
+    def hook(self, step, groups=1):
+        if step >= self.steps:
+            return None
+        a = mx.array(self.alphas, mx.float32)[:, None, None]
+
+        def blend(kind, index, txt, img):
+            if kind != "double":
+                return txt, img
+            n = txt.shape[0] // groups
+            parts = []
+            for g in range(groups):
+                t = txt[g * n:(g + 1) * n]
+                mixed = ((1 - a) * t[0:1].astype(mx.float32) + a * t[1:2].astype(mx.float32)).astype(t.dtype)
+                parts.append(mx.concatenate([t[:2], mixed], axis=0))
+            return mx.concatenate(parts, axis=0), img
+        return blend
+
+    def to_dict(self):
+        return asdict(self)
