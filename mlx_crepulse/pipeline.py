@@ -133,7 +133,7 @@ class Pipeline:
         scheduler = weights.read_json(folder / "scheduler" / "scheduler_config.json")
         defaults = Defaults.for_model(folder, transformer.config)
         return cls(transformer, clip_model, t5_model, vae, tokenizer, tokenizer_2, scheduler, defaults,
-                   source=str(source), quantize=quantize or _saved_bits(transformer.config),
+                   source=str(source), quantize=_saved_bits(transformer.config) or quantize,
                    reload_encoders=encoders if low_memory else None)
 
     def save(self, folder):

@@ -21,6 +21,10 @@ SIGNATURE_DIM = 256
 
 
 # --- the entropy and its gradient ------------------------------------------------------------------------
+# The B x B algebra runs in float64 on the CPU stream: at the first block every sample comes from the same
+# prompt, the cosines are all within 1e-6 of 1, and float32 cannot resolve the small eigenvalues that H
+# depends on. (MLX's GPU has no float64, and eigh runs on the CPU anyway; on a Mac the default device is
+# the GPU, so the stream is named explicitly.)
 
 @mx.custom_function
 def kernel_entropy(k: mx.array, eps: mx.array) -> mx.array:
@@ -34,26 +38,41 @@ def _kernel_entropy_vjp(primals, cotangent, output):
     # MLX has no derivative for eigh. dH/dK = U diag(-(log lam + 1)) U^T, with zero weight where the
     # eigenvalue was clamped (as torch's autograd through clamp_min gives).
     k, eps = primals
-    lam, u = mx.linalg.eigh(k, stream=mx.cpu)
-    w = mx.where(lam >= eps, -(mx.log(mx.maximum(lam, eps)) + 1), 0.0)
-    g = (u * w[..., None, :]) @ u.swapaxes(-1, -2)
-    return cotangent * g, mx.zeros_like(eps)
+    with mx.stream(mx.cpu):
+        lam, u = mx.linalg.eigh(k, stream=mx.cpu)
+        w = mx.where(lam >= eps, -(mx.log(mx.maximum(lam, eps)) + 1), 0.0)
+        g = (u * w[..., None, :]) @ u.swapaxes(-1, -2)
+        return (cotangent * g).astype(k.dtype), mx.zeros_like(eps)
 
 
-def cosine_kernel(gram: mx.array) -> mx.array:
+def gram(f: mx.array) -> mx.array:
+    """The Gram matrix f f^T (G, B, B) of flattened samples f (G, B, F), in float64, accurate even when
+    the samples nearly coincide: it is assembled from the mean m and the small deviations d = f - m,
+    f f^T = |m|^2 + d m^T + m d^T + d d^T, each product taken in float32 at its own scale."""
+    f = f.astype(mx.float32)
+    m = f.mean(axis=1, keepdims=True)
+    d = f - m
+    dd, dm, mm = d @ d.swapaxes(-1, -2), (d @ m.swapaxes(-1, -2))[..., 0], (m * m).sum(-1)
+    with mx.stream(mx.cpu):
+        dd, dm, mm = dd.astype(mx.float64), dm.astype(mx.float64), mm.astype(mx.float64)
+        return mm[..., None] + dm[..., :, None] + dm[..., None, :] + dd
+
+
+def cosine_kernel(s: mx.array) -> mx.array:
     """Normalised cosine kernel K / B (trace 1) from a Gram matrix (G, B, B)."""
-    d = mx.rsqrt(mx.diagonal(gram, axis1=-2, axis2=-1))
-    return gram * d[..., :, None] * d[..., None, :] / gram.shape[-1]
+    with mx.stream(mx.cpu):
+        d = mx.rsqrt(mx.diagonal(s, axis1=-2, axis2=-1))
+        return s * d[..., :, None] * d[..., None, :] / s.shape[-1]
 
 
-def entropy_of_gram(gram: mx.array, eps: float = 1e-6) -> mx.array:
-    return kernel_entropy(cosine_kernel(gram), mx.array(eps, mx.float32))
+def entropy_of_gram(s: mx.array, eps: float = 1e-6) -> mx.array:
+    with mx.stream(mx.cpu):
+        return kernel_entropy(cosine_kernel(s), mx.array(eps, mx.float64))
 
 
 def entropy(x: mx.array, eps: float = 1e-6) -> mx.array:
-    """H of each group's samples: x is (G, B, ...) and each sample is flattened."""
-    f = x.reshape(*x.shape[:2], -1).astype(mx.float32)
-    return entropy_of_gram(f @ f.swapaxes(-1, -2), eps)
+    """H of each group's samples (summed over groups): x is (G, B, ...) and each sample is flattened."""
+    return entropy_of_gram(gram(x.reshape(*x.shape[:2], -1)), eps).astype(mx.float32)
 
 
 def vendi_score(features, eps: float = 0.0) -> float:
@@ -68,19 +87,26 @@ def vendi_score(features, eps: float = 0.0) -> float:
 
 def ascend(x: mx.array, scale: float, iterations: int, eps: float = 1e-6) -> mx.array:
     """`iterations` steps of x <- x + (scale / iterations) dH/dx, each group (G, B, ...) on its own,
-    run in the B x B space of the Gram matrix (see the module docstring)."""
+    run in the B x B space of the Gram matrix (see the module docstring). All iterations stay lazy:
+    no host round trip until the caller evaluates the result."""
     G, B = x.shape[:2]
     f = x.reshape(G, B, -1).astype(mx.float32)
-    gram = f @ f.swapaxes(-1, -2)
+    s = gram(f)
     step = scale / iterations
-    w = mx.broadcast_to(mx.eye(B), (G, B, B))
     dgram = mx.grad(entropy_of_gram)
-    for _ in range(iterations):
-        g = dgram(gram, eps)
-        m = mx.eye(B) + step * (g + g.swapaxes(-1, -2))
-        w = m @ w
-        gram = m @ gram @ m.swapaxes(-1, -2)
-    return (w @ f).reshape(x.shape).astype(x.dtype)
+    with mx.stream(mx.cpu):
+        eye = mx.eye(B, dtype=mx.float64)
+        w = mx.broadcast_to(eye, (G, B, B))
+        for _ in range(iterations):
+            g = dgram(s, eps)
+            m = eye + step * (g + g.swapaxes(-1, -2))
+            w = m @ w
+            s = m @ s @ m.swapaxes(-1, -2)
+        # x_new = W x, applied as x + (W - I) x with x = mean + deviations, keeping float32 precision
+        delta = (w - eye).astype(mx.float32)
+    mean = f.mean(axis=1, keepdims=True)
+    update = delta.sum(-1, keepdims=True) * mean + delta @ (f - mean)
+    return (f + update).reshape(x.shape).astype(x.dtype)
 
 
 def ascend_direct(x: mx.array, scale: float, iterations: int, eps: float = 1e-6) -> mx.array:
@@ -113,7 +139,7 @@ def reference_entropy(txt: mx.array, reference: mx.array, eps: float) -> mx.arra
     m = txt.astype(mx.float32).mean(axis=1)
     p = _projection(m.shape[-1])
     f = mx.concatenate([m if p is None else m @ p, reference.astype(mx.float32)], axis=0)[None]
-    return entropy_of_gram(f @ f.swapaxes(-1, -2), eps)
+    return entropy_of_gram(gram(f), eps).astype(mx.float32)
 
 
 # --- the methods -------------------------------------------------------------------------------------------

@@ -78,7 +78,8 @@ def corpus() -> list[str]:
 def write_t5_tokenizer(folder, corpus: list[str], vocab_size: int = 1000, model_max_length: int = 512) -> Path:
     """Train a SentencePiece unigram model on `corpus` and write a T5 tokenizer folder: spiece.model,
     tokenizer.json (the fast form, so loading needs no conversion), tokenizer_config.json and
-    special_tokens_map.json. vocab_size is an upper bound (a small corpus yields fewer pieces)."""
+    special_tokens_map.json. vocab_size is an upper bound (the default corpus yields about 390
+    pieces at most); it must leave room for the 3 specials and the printable ASCII characters."""
     import sentencepiece as spm
 
     folder = Path(folder)
@@ -133,7 +134,8 @@ def bytes_to_unicode() -> dict[int, str]:
 
 
 def train_clip_merges(corpus: list[str], vocab_size: int = 1000) -> list[tuple[str, str]]:
-    """BPE merges learnt with the tokenizers library on CLIP's normalisation and pre-tokenisation."""
+    """BPE merges, in order, learnt with the tokenizers library on CLIP's normalisation and
+    pre-tokenisation; vocab_size is the trainer's (its alphabet plus its merges)."""
     from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
     from tokenizers.models import BPE
     from tokenizers.trainers import BpeTrainer
@@ -153,12 +155,19 @@ def train_clip_merges(corpus: list[str], vocab_size: int = 1000) -> list[tuple[s
     return [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in merges]
 
 
+CLIP_BASE_VOCAB = 2 * 256 + 2  # byte symbols, the same with </w>, two specials
+
+
 def write_clip_tokenizer(folder, corpus: list[str], vocab_size: int = 1000, model_max_length: int = 77) -> Path:
     """Train a CLIP-style byte-level BPE on `corpus` and write vocab.json, merges.txt,
-    tokenizer_config.json and special_tokens_map.json (CLIP's own layout, as in FLUX's tokenizer/)."""
+    tokenizer_config.json and special_tokens_map.json (CLIP's own layout, as in FLUX's tokenizer/).
+    vocab_size is the size of the whole vocabulary, at most: 514 base entries plus up to
+    vocab_size - 514 merges (fewer if the corpus runs out of pairs; 514 or less means no merges,
+    a character-level tokenizer that still encodes any text)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    merges = train_clip_merges(corpus, vocab_size)
+    n_merges = max(0, vocab_size - CLIP_BASE_VOCAB)
+    merges = train_clip_merges(corpus, n_merges + 2 * 256)[:n_merges] if n_merges else []
     symbols = list(bytes_to_unicode().values())
     vocab_list = symbols + [s + "</w>" for s in symbols]
     seen = set(vocab_list)

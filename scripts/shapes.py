@@ -169,20 +169,18 @@ def _as_rng(rng) -> np.random.Generator:
 
 
 def sample_attributes(rng, n: int) -> list[dict]:
-    """n attribute dicts: colour and shape uniform, free attributes from DISTRIBUTIONS."""
+    """n attribute dicts: colour and shape uniform, free attributes from DISTRIBUTIONS. Drawn one
+    image at a time, so the first k of n draws do not depend on n."""
     rng = _as_rng(rng)
-    cols = rng.integers(len(COLOURS), size=n)
-    shps = rng.integers(len(SHAPES), size=n)
-    free = {}
-    for name, dist in DISTRIBUTIONS.items():
-        keys = list(dist)
-        free[name] = rng.choice(len(keys), size=n, p=np.array([dist[k] for k in keys]))
     colour_names = list(COLOURS)
+    cumulative = {name: (list(d), np.cumsum(list(d.values()))) for name, d in DISTRIBUTIONS.items()}
     out = []
-    for i in range(n):
-        a = {"colour": colour_names[cols[i]], "shape": SHAPES[shps[i]]}
-        for name, dist in DISTRIBUTIONS.items():
-            a[name] = list(dist)[free[name][i]]
+    for _ in range(n):
+        u = rng.random(2 + len(cumulative))
+        a = {"colour": colour_names[min(int(u[0] * len(colour_names)), len(colour_names) - 1)],
+             "shape": SHAPES[min(int(u[1] * len(SHAPES)), len(SHAPES) - 1)]}
+        for v, (name, (keys, cum)) in zip(u[2:], cumulative.items()):
+            a[name] = keys[min(int(np.searchsorted(cum, v * cum[-1], side="right")), len(keys) - 1)]
         out.append(a)
     return out
 
@@ -225,7 +223,8 @@ _POS_XY = np.array(list(POSITIONS.values()), dtype=np.float32)
 _SIZE_NAMES = list(SIZES)
 _SIZE_PX = np.array(list(SIZES.values()), dtype=np.float32)
 
-# Template search around the bounding-box estimate: a coarse grid, then a finer one around its best.
+# Template search around a guess (from the bounding box, or from the moments): a coarse grid, then a
+# finer one around its best.
 _COARSE = np.stack(np.meshgrid([-1.0, 0.0, 1.0], [-1.0, 0.0, 1.0], [-1.0, 0.0, 1.0, 2.0], indexing="ij"),
                    -1).reshape(-1, 3).astype(np.float32)
 _FINE = np.stack(np.meshgrid([-0.5, 0.0, 0.5], [-0.5, 0.0, 0.5], [-0.5, 0.0, 0.5], indexing="ij"),
@@ -359,7 +358,7 @@ def read(image) -> dict:
     region = _dilate(main, 1)
     a_obj = np.where(region, alpha, 0.0).astype(np.float32)
 
-    # Template matching around the bounding box of the main component.
+    # Template matching: each shape searched around a bounding-box guess of the main component.
     rows, cols = np.nonzero(main)
     x0, x1, y0, y1 = cols.min(), cols.max() + 1, rows.min(), rows.max() + 1
     cx0, cy0, side0 = (x0 + x1) / 2.0, (y0 + y1) / 2.0, float(max(x1 - x0, y1 - y0))

@@ -17,9 +17,14 @@ SIZE = 32  # pixels; the VAE halves it, 2x2 packing gives 8x8 = 64 image tokens
 SEQ = 16  # T5 tokens
 
 
-def build(folder: Path, guidance_embeds: bool, seed: int = 0) -> Path:
+def build(folder: Path, guidance_embeds: bool, seed: int = 0, wide: bool = False) -> Path:
     """Write a tiny schnell-like (guidance_embeds=False, unshifted schedule) or dev-like (guidance
-    embedding, shifted schedule) pipeline to `folder`, with every weight random and non-zero."""
+    embedding, shifted schedule) pipeline to `folder`, with every weight random and non-zero.
+
+    `wide`: transformer and T5 64 wide (MLP 128 / 256), so that their Linear layers' input widths are
+    multiples of the quantization group size (64) and quantizing really changes them."""
+    d_model, heads = (64, 4) if wide else (24, 3)  # T5 width and heads (d_kv 8 or 16)
+    dim_heads = 4 if wide else 2  # transformer heads of 16: hidden 64 or 32
     folder = Path(folder)
     write_tokenizers(folder, clip_vocab_size=400, t5_vocab_size=400)
     tok = AutoTokenizer.from_pretrained(folder / "tokenizer")
@@ -28,11 +33,13 @@ def build(folder: Path, guidance_embeds: bool, seed: int = 0) -> Path:
                                         num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
                                         hidden_act="quick_gelu", eos_token_id=tok.eos_token_id,
                                         bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id))
-    t5 = T5EncoderModel(T5Config(vocab_size=400, d_model=24, d_kv=8, d_ff=48, num_layers=2, num_heads=3,
+    t5 = T5EncoderModel(T5Config(vocab_size=400, d_model=d_model, d_kv=d_model // heads, d_ff=2 * d_model,
+                                 num_layers=2, num_heads=heads,
                                  relative_attention_num_buckets=8, relative_attention_max_distance=16,
                                  feed_forward_proj="gated-gelu", is_encoder_decoder=False))
     transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2,
-                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=24,
+                                         attention_head_dim=16, num_attention_heads=dim_heads,
+                                         joint_attention_dim=d_model,
                                          pooled_projection_dim=32, guidance_embeds=guidance_embeds,
                                          axes_dims_rope=(4, 6, 6))
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),

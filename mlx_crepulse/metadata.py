@@ -1,0 +1,180 @@
+"""What is written into and read back from PNG files: each image's full recipe.
+
+Two text chunks per PNG:
+- `parameters`: the recipe in the AUTOMATIC1111 format that image browsers and prompt readers
+  understand (the prompt, an optional "Negative prompt:" line, then "Key: value, ..." settings);
+- `crepulse`: the recipe as JSON, everything needed to make the same image again: the generation
+  settings of the batch (`Result.settings`: prompt, n, batch seed, steps, guidance, size, sequence
+  length, true CFG, the diversity method with every setting, model, quantization, package version),
+  plus `index` (the image's position in its batch, None for a contact sheet) and `image_seed`.
+
+Repulsion couples the images of a batch, so one image is reproduced by re-running its whole batch
+(same n, same batch seed) and taking image `index`.
+"""
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+from .repulsion import CADS, ParticleGuidance, Repulsion
+
+CHUNK = "crepulse"
+PARAMETERS = "parameters"
+METHODS = {"Repulsion": Repulsion, "ParticleGuidance": ParticleGuidance, "CADS": CADS}
+METHOD_NAMES = {"Repulsion": "contextual", "ParticleGuidance": "particle", "CADS": "cads"}
+
+
+# --- the method object <-> its dict -----------------------------------------------------------------------
+
+def method_from_dict(d: Optional[dict]):
+    """Rebuild a diversity method (`Repulsion`, `ParticleGuidance`, `CADS`) from its `to_dict()`;
+    None stays None. Raises ValueError for what cannot be rebuilt."""
+    if d is None:
+        return None
+    d = dict(d)
+    name = d.pop("method", None)
+    cls = METHODS.get(name)
+    if cls is None:
+        raise ValueError(f"unknown diversity method {name!r} (known: {', '.join(METHODS)})")
+    if d.pop("reference_size", None):
+        raise ValueError("this batch was pushed away from reference images whose signatures are not stored "
+                         "in the file, so it cannot be made again from the file alone")
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - fields)
+    if unknown:
+        raise ValueError(f"unknown {name} setting(s) {', '.join(unknown)}: the file was made by another "
+                         "version of mlx-crepulse")
+    if isinstance(d.get("blocks"), tuple):
+        d["blocks"] = list(d["blocks"])
+    return cls(**d)
+
+
+def describe_method(d: Optional[dict]) -> str:
+    """A short human description of a method dict: 'contextual scale=1e+08 iterations=50 steps=1 blocks=all'."""
+    if not d:
+        return "none"
+    name = METHOD_NAMES.get(d.get("method"), str(d.get("method")))
+    if d.get("method") == "Repulsion":
+        blocks = d.get("blocks")
+        blocks = blocks if isinstance(blocks, str) else "+".join(str(b) for b in blocks)
+        parts = [f"scale={_num(d.get('scale'))}", f"iterations={d.get('iterations')}", f"steps={d.get('steps')}",
+                 f"blocks={blocks}"]
+        if d.get("tokens", "text") != "text":
+            parts.append(f"tokens={d['tokens']}")
+    elif d.get("method") == "ParticleGuidance":
+        parts = [f"scale={_num(d.get('scale'))}", f"until={_num(d.get('until'))}"]
+    elif d.get("method") == "CADS":
+        parts = [f"noise_scale={_num(d.get('noise_scale'))}", f"tau1={_num(d.get('tau1'))}",
+                 f"tau2={_num(d.get('tau2'))}"]
+    else:
+        parts = []
+    return " ".join([name] + parts)
+
+
+def _num(v) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+# --- the AUTOMATIC1111 `parameters` text ------------------------------------------------------------------
+
+def _quote(v) -> str:
+    """A1111's quoting: values with a comma, colon, quote or newline are written as JSON strings."""
+    text = _num(v)
+    return json.dumps(text) if any(c in text for c in ',:"\n') else text
+
+
+def a1111_parameters(recipe: dict) -> str:
+    """The recipe as AUTOMATIC1111 writes it: prompt, optional negative prompt line, then settings.
+    FLUX's embedded guidance goes where Forge puts it ("Distilled CFG Scale"); "CFG scale" is true CFG."""
+    lines = [recipe.get("prompt", "")]
+    if recipe.get("negative_prompt"):
+        lines.append(f"Negative prompt: {recipe['negative_prompt']}")
+    seed = recipe.get("image_seed")
+    fields = [("Steps", recipe.get("steps")), ("Sampler", "Euler"), ("Schedule type", "Simple"),
+              ("CFG scale", recipe.get("true_cfg", 1.0))]
+    if recipe.get("guidance") is not None:
+        fields.append(("Distilled CFG Scale", recipe["guidance"]))
+    fields += [("Seed", seed if seed is not None else recipe.get("seed")),
+               ("Size", f"{recipe.get('width')}x{recipe.get('height')}"), ("Model", recipe.get("model"))]
+    if recipe.get("quantize"):
+        fields.append(("Quantization", f"{recipe['quantize']}-bit"))
+    fields += [("Batch size", recipe.get("n"))]
+    if recipe.get("index") is not None:
+        fields.append(("Batch pos", recipe["index"]))
+    fields += [("Batch seed", recipe.get("seed")), ("Diversity", describe_method(recipe.get("repulsion"))),
+               ("Version", f"mlx-crepulse {recipe.get('version')}")]
+    lines.append(", ".join(f"{k}: {_quote(v)}" for k, v in fields if v is not None))
+    return "\n".join(lines)
+
+
+# --- PNG files -----------------------------------------------------------------------------------------------
+
+def write_png(path, image, recipe: dict, overwrite: bool = True) -> Path:
+    """Write `image` (a PIL image) to `path` with its recipe; returns the path written.
+
+    The file appears whole or not at all (written beside it under a hidden name, then moved into
+    place). With `overwrite=False` an existing file is never replaced: "-1", "-2", ... is added to
+    the name instead, and the first free name is taken atomically."""
+    from PIL.PngImagePlugin import PngInfo
+
+    path = Path(path)
+    info = PngInfo()
+    info.add_text(PARAMETERS, a1111_parameters(recipe))  # tEXt, or iTXt when the prompt is not latin-1
+    info.add_text(CHUNK, json.dumps(recipe, ensure_ascii=True, allow_nan=False), zip=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
+    try:
+        image.save(tmp, format="PNG", pnginfo=info)
+        if overwrite:
+            os.replace(tmp, path)
+            return path
+        return _place(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _place(tmp: Path, path: Path) -> Path:
+    """Give `tmp` the first free name among path, path-1, path-2, ... without ever replacing a file."""
+    for i in range(100000):
+        target = path if i == 0 else path.with_name(f"{path.stem}-{i}{path.suffix}")
+        if target.exists():
+            continue
+        try:
+            os.link(tmp, target)  # fails if target appeared meanwhile: never clobbers
+            return target
+        except FileExistsError:
+            continue
+        except OSError:  # a file system without hard links: check, then move
+            if not target.exists():
+                os.replace(tmp, target)
+                return target
+    raise OSError(f"no free file name for {path}")
+
+
+def read_text_chunks(path) -> dict:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im.load()
+        return dict(getattr(im, "text", {}) or {})
+
+
+def read_png(path) -> dict:
+    """The recipe written by `write_png` (the `crepulse` JSON chunk). Raises ValueError when the file
+    has none (not a PNG, or a PNG made by something else)."""
+    try:
+        chunks = read_text_chunks(path)
+    except OSError as e:
+        raise ValueError(f"cannot read {path}: {e}") from e
+    if CHUNK not in chunks:
+        other = " (it has AUTOMATIC1111-style parameters, but not the full recipe)" if PARAMETERS in chunks else ""
+        raise ValueError(f"{path} has no mlx-crepulse recipe{other}")
+    try:
+        recipe = json.loads(chunks[CHUNK])
+    except json.JSONDecodeError as e:
+        raise ValueError(f"the recipe in {path} is damaged: {e}") from e
+    if not isinstance(recipe, dict):
+        raise ValueError(f"the recipe in {path} is damaged: not a JSON object")
+    return recipe
