@@ -2,7 +2,8 @@
 
 from .pipeline import Cancelled, Defaults, Pipeline, Progress, Result, __version__
 from .repulsion import CADS, Blend, ParticleGuidance, Repulsion, signature, vendi_score
+from .sampling import mix_noise
 from .weights import WeightsError
 
 __all__ = ["Pipeline", "Repulsion", "ParticleGuidance", "CADS", "Blend", "Result", "Progress", "Defaults",
-           "Cancelled", "WeightsError", "vendi_score", "signature", "__version__"]
+           "Cancelled", "WeightsError", "vendi_score", "signature", "mix_noise", "__version__"]

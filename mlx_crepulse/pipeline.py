@@ -166,6 +166,15 @@ class Pipeline:
     def has_guidance_embedding(self) -> bool:
         return self.transformer.guidance_embeds
 
+    def noise(self, seeds: list, width: Optional[int] = None, height: Optional[int] = None) -> np.ndarray:
+        """The initial packed noise generate() uses for these per-image seeds, (n, tokens, channels)."""
+        rows, cols = sampling.latent_grid(width or self.defaults.width, height or self.defaults.height, self.vae_scale)
+        return np.array(sampling.noise(seeds, rows * cols, self.latent_channels))
+
+    @property
+    def latent_channels(self) -> int:
+        return self.transformer.config.get("in_channels", 64)
+
     def size_multiple(self) -> int:
         return max(16, 2 * self.vae_scale)
 
@@ -236,8 +245,7 @@ class Pipeline:
         if blend is not None:
             blend.validate(n)
         rows, cols = sampling.latent_grid(width, height, self.vae_scale)
-        channels = self.transformer.x_embedder.weight.shape[-1] if not hasattr(
-            self.transformer.x_embedder, "scales") else self.transformer.config.get("in_channels", 64)
+        channels = self.latent_channels
         if seed is None:
             seed = int(np.random.default_rng().integers(0, 2**31 - 1))
         seeds = [seed + i for i in range(n)]
@@ -291,14 +299,15 @@ class Pipeline:
         sig_block = len(tf.transformer_blocks) // 2
         for i in range(len(sigmas) - 1):
             sigma, t = sigmas[i], sampling.model_time(sigmas[i])
-            c_txt, c_pooled = mx.broadcast_to(txt, (n,) + txt.shape[1:]), pooled
+            c_txt, c_pooled = txt, pooled  # batch 1: the transformer broadcasts one prompt to the batch
             if method is not None:
-                c_txt, c_pooled = method.condition(i, sigma, c_txt, c_pooled)
+                c_txt, c_pooled = method.condition(i, sigma, txt, pooled, n)
             vec = tf.conditioning(t, c_pooled, g)
             x_in = x.astype(self.dtype)
             if neg is not None:
                 u_txt, u_pooled = neg
-                c_txt = mx.concatenate([c_txt, mx.broadcast_to(u_txt, c_txt.shape)], axis=0)
+                shape = (n,) + txt.shape[1:]
+                c_txt = mx.concatenate([mx.broadcast_to(c_txt, shape), mx.broadcast_to(u_txt, shape)], axis=0)
                 u_vec = tf.conditioning(t, u_pooled, g)
                 vec = mx.concatenate([mx.broadcast_to(vec, (n, vec.shape[-1])),
                                       mx.broadcast_to(u_vec, (n, vec.shape[-1]))], axis=0)

@@ -151,7 +151,8 @@ class Method:
         if n < 2:
             raise ValueError(f"{type(self).__name__} needs a batch of at least 2 images to push apart, not n={n}")
 
-    def condition(self, step: int, sigma: float, txt: mx.array, pooled: mx.array):
+    def condition(self, step: int, sigma: float, txt: mx.array, pooled: mx.array, n: int):
+        """The text condition for this step: T5 states and pooled vector, batch 1 or n."""
         return txt, pooled
 
     def hook(self, step: int, groups: int):
@@ -319,13 +320,13 @@ class CADS(Method):
             return 0.0
         return (self.tau2 - sigma) / (self.tau2 - self.tau1)
 
-    def condition(self, step, sigma, txt, pooled):
+    def condition(self, step, sigma, txt, pooled, n):
         g = self.gamma(sigma)
         if g >= 1 or self.noise_scale == 0:
             return txt, pooled
-        B = txt.shape[0]
         k1, k2 = mx.random.split(mx.random.key(self.seed))
-        pooled = mx.broadcast_to(pooled, (B,) + pooled.shape[1:])
+        txt = mx.broadcast_to(txt, (n,) + txt.shape[1:])
+        pooled = mx.broadcast_to(pooled, (n,) + pooled.shape[1:])
         return (self._anneal(txt, g, mx.random.normal(txt.shape, key=k1)),
                 self._anneal(pooled, g, mx.random.normal(pooled.shape, key=k2)))
 

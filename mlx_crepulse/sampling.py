@@ -69,3 +69,9 @@ def noise(seeds: list, tokens: int, channels: int) -> mx.array:
     """Packed initial noise, one independent stream per image seed, so image i of a batch has the same
     noise as the same seed alone."""
     return mx.stack([mx.random.normal((tokens, channels), key=mx.random.key(s)) for s in seeds])
+
+
+def mix_noise(base, fresh, strength: float):
+    """Noise near `base`: sqrt(1 - s^2) base + s fresh keeps unit variance (both are standard normal);
+    strength 0 gives base, 1 gives fresh. For "vary subtly / strongly" around a favourite."""
+    return (1 - strength ** 2) ** 0.5 * base + strength * fresh

@@ -207,9 +207,9 @@ def test_cads_anneals_the_condition():
     txt = mx.array(np.random.default_rng(7).standard_normal((3, 5, 8)).astype(np.float32))
     pooled = mx.array(np.random.default_rng(8).standard_normal((1, 8)).astype(np.float32))
     assert c.gamma(0.95) == 0 and c.gamma(0.5) == 1 and c.gamma(0.75) == pytest.approx(0.5)
-    same = c.condition(0, 0.5, txt, pooled)
+    same = c.condition(0, 0.5, txt, pooled, 3)
     assert same[0] is txt
-    noisy_txt, noisy_pooled = c.condition(0, 0.95, txt, pooled)
+    noisy_txt, noisy_pooled = c.condition(0, 0.95, txt, pooled, 3)
     a = np.array(noisy_txt)
     assert not np.allclose(a, np.array(txt))
     assert np.allclose(a.reshape(3, -1).mean(1), np.array(txt).reshape(3, -1).mean(1), atol=1e-5)

@@ -223,10 +223,12 @@ class FluxTransformer(nn.Module):
 
     def __call__(self, img: mx.array, txt: mx.array, vec: mx.array, pe: tuple,
                  hook: Optional[Hook] = None) -> mx.array:
-        """img: packed latents (B, S_img, in); txt: T5 states (B, S_txt, 4096); vec: `conditioning(...)`,
+        """img: packed latents (B, S_img, in); txt: T5 states (B or 1, S_txt, 4096); vec: `conditioning(...)`,
         batch 1 or B; pe: `pos_embed(...)`. Returns the velocity prediction (B, S_img, out)."""
         img = self.x_embedder(img)
         txt = self.context_embedder(txt)
+        if txt.shape[0] != img.shape[0]:  # one prompt for the batch: embed it once, then broadcast
+            txt = mx.broadcast_to(txt, (img.shape[0],) + txt.shape[1:])
         for i, block in enumerate(self.transformer_blocks):
             img, txt = block(img, txt, vec, pe)
             if hook is not None:
