@@ -1,0 +1,141 @@
+"""The paper's table in miniature, on the bundled demo model.
+
+    python scripts/evaluate.py                     # every prompt of the grammar, 4 images each
+    python scripts/evaluate.py --prompts 4 --plot out.png
+
+For each method (the base model, contextual repulsion at several scales, particle guidance, CADS and
+image-token repulsion, all at the model's default guidance) it generates 4 images for every caption of
+the shapes grammar, with seeds no test uses, and reads them back with the oracle (scripts/shapes.py):
+- Vendi (free): Vendi score of the free attributes (position, size, background) within each prompt's
+  group of 4, averaged over prompts: how varied the batch is in what the prompt leaves open;
+- Vendi (pixels): the same on raw pixels (in [-1, 1]);
+- fidelity: the share of images whose colour and shape are the prompt's;
+- clean: the share the oracle calls clean (one crisp object on a flat background);
+- s/batch: seconds per batch of 4.
+It prints the table and saves a plot of diversity against fidelity, one curve per method.
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from mlx_crepulse import CADS, ParticleGuidance, Pipeline, Repulsion, vendi_score  # noqa: E402
+from scripts import shapes  # noqa: E402
+
+SEED0 = 900_000  # far from every seed the tests use
+
+
+def methods(pipe, quick=False):
+    """(family, label, method or None, extra generate() arguments) for every row of the table."""
+    d = pipe.defaults
+    lo, hi = d.repulsion_scale_range
+    mid = (lo * hi) ** 0.5
+    contextual = [lo, mid, hi] if quick else [lo, mid, hi, hi * (hi / mid)]
+    rows = [("base", "base", None, {}), ("guidance 1", "base, guidance 1", None, {"true_cfg": 1.0})]
+    for s in contextual:
+        rows.append(("contextual", f"contextual {s:.3g}",
+                     Repulsion(scale=s, iterations=d.repulsion_iterations, steps=d.repulsion_steps, blocks="all"), {}))
+    for s in ([30, 100, 300] if quick else [10, 30, 100, 300, 1000]):
+        rows.append(("particle", f"particle {s:g}", ParticleGuidance(scale=float(s)), {}))
+    for s in ([0.25, 0.5, 1.0] if quick else [0.1, 0.25, 0.5, 1.0]):
+        rows.append(("cads", f"CADS {s:g}", CADS(noise_scale=s), {}))
+    rows.append(("image tokens", f"image tokens {mid:.3g}",
+                 Repulsion(scale=mid, iterations=d.repulsion_iterations, steps=d.repulsion_steps, blocks="double",
+                           tokens="image"), {}))
+    return rows
+
+
+def evaluate(pipe, prompts, method, extra):
+    readings, vendi_free, vendi_px, seconds = [], [], [], []
+    for k, prompt in enumerate(prompts):
+        t = time.perf_counter()
+        images = pipe.generate(prompt, n=4, seed=SEED0 + 4 * k, repulsion=method, output_type="np", **extra).images
+        seconds.append(time.perf_counter() - t)
+        colour, shape = shapes.parse_caption(prompt)
+        group = [shapes.read(img) for img in images]
+        for r in group:
+            r["faithful"] = r["colour"] == colour and r["shape"] == shape
+        readings += group
+        vendi_free.append(vendi_score([shapes.free_attributes(r) for r in group]))
+        vendi_px.append(vendi_score(images.reshape(4, -1) * 2 - 1))
+    return dict(vendi_free=float(np.mean(vendi_free)), vendi_pixels=float(np.mean(vendi_px)),
+                fidelity=float(np.mean([r["faithful"] for r in readings])),
+                clean=float(np.mean([r["clean"] for r in readings])),
+                typical=float(np.mean([all(r.get(a) == v for a, v in shapes.TYPICAL.items()) for r in readings])),
+                seconds=float(np.median(seconds)))
+
+
+def plot(results, path):
+    """Diversity (free-attribute Vendi) against fidelity, one polyline per method family."""
+    W, H, m = 720, 480, 60
+    img = Image.new("RGB", (W, H), "white")
+    g = ImageDraw.Draw(img)
+    xs = [r["vendi_free"] for _, _, r in results]
+    ys = [r["fidelity"] for _, _, r in results]
+    x0, x1 = min(xs) - 0.05, max(xs) + 0.05
+    y0, y1 = max(0.0, min(ys) - 0.05), min(1.0, max(ys) + 0.02)
+    px = lambda x: m + (x - x0) / (x1 - x0) * (W - 2 * m)
+    py = lambda y: H - m - (y - y0) / (y1 - y0) * (H - 2 * m)
+    g.rectangle([m, m, W - m, H - m], outline="black")
+    for i in range(5):
+        x, y = x0 + i * (x1 - x0) / 4, y0 + i * (y1 - y0) / 4
+        g.text((px(x) - 12, H - m + 6), f"{x:.2f}", fill="black")
+        g.text((8, py(y) - 6), f"{y:.0%}", fill="black")
+    g.text((W // 2 - 120, H - 24), "diversity: Vendi of the free attributes", fill="black")
+    g.text((8, 12), "fidelity (colour and shape right)", fill="black")
+    colours = {"base": "black", "guidance 1": "gray", "contextual": "red", "particle": "blue", "cads": "green",
+               "image tokens": "orange"}
+    families = []
+    for fam, _, _ in results:
+        if fam not in families:
+            families.append(fam)
+    for j, fam in enumerate(families):
+        pts = [(px(r["vendi_free"]), py(r["fidelity"])) for f, _, r in results if f == fam]
+        if len(pts) > 1:
+            g.line(pts, fill=colours[fam], width=2)
+        for x, y in pts:
+            g.ellipse([x - 4, y - 4, x + 4, y + 4], fill=colours[fam])
+        g.text((W - m - 150, m + 8 + 16 * j), f"-- {fam}", fill=colours[fam])
+    img.save(path)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="demo")
+    parser.add_argument("--prompts", type=int, default=None, help="only the first N captions (default: all 24)")
+    parser.add_argument("--quick", action="store_true", help="fewer scales per method")
+    parser.add_argument("--plot", default="docs/diversity-vs-fidelity.png")
+    args = parser.parse_args()
+
+    pipe = Pipeline.from_pretrained(args.model)
+    prompts = shapes.prompts()[:args.prompts]
+    d = pipe.defaults
+    print(f"model {args.model}: {len(prompts)} prompts x 4 images, {d.steps} steps, true CFG {d.true_cfg}, "
+          f"seeds from {SEED0}")
+    header = f"{'method':26s} {'Vendi free':>10s} {'Vendi px':>9s} {'fidelity':>9s} {'clean':>6s} {'typical':>8s} {'s/batch':>8s}"
+    print(header)
+    results = []
+    for fam, label, method, extra in methods(pipe, args.quick):
+        r = evaluate(pipe, prompts, method, extra)
+        results.append((fam, label, r))
+        print(f"{label:26s} {r['vendi_free']:10.3f} {r['vendi_pixels']:9.3f} {r['fidelity']:9.1%} "
+              f"{r['clean']:6.1%} {r['typical']:8.1%} {r['seconds']:8.2f}", flush=True)
+    base = results[0][2]
+    print(f"\nrelative to base: " + ", ".join(
+        f"{label} {r['vendi_free'] / base['vendi_free'] - 1:+.0%} Vendi, {100 * (r['fidelity'] - base['fidelity']):+.1f} pts"
+        for _, label, r in results[1:]))
+    if args.plot:
+        Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
+        plot([x for x in results if x[0] != "guidance 1"] + [x for x in results if x[0] == "guidance 1"], args.plot)
+        print(f"plot: {args.plot}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
