@@ -4,7 +4,7 @@
     mlx-crepulse "a red fox" --model schnell -q 4 -n 6 --diversity 0.8 --seed 1
     mlx-crepulse --from out/a-red-fox-1-2.png           # the same image again, bit for bit
     mlx-crepulse info out/a-red-fox-1-2.png             # its full recipe
-    mlx-crepulse download schnell -q 4 -o flux-schnell-4bit
+    mlx-crepulse download schnell -q 4                  # -> ./FLUX.1-schnell-4bit, for --model
     mlx-crepulse convert flux1-dev.safetensors --base dev -q 8 -o flux-dev-8bit
 
 Generation is the default command: a first argument that is not `info`, `download`, `convert` or
@@ -16,9 +16,31 @@ Contract: stdout carries nothing but the paths of the files written, one a line,
 written (unknown model, weights missing offline, size not a multiple of 16, n < 1, empty prompt, a
 prompt over the model's token limit unless --truncate, an unwritable output folder); 130
 interrupted (Ctrl-C stops after the current step; finished batches are kept).
+
+Choices made here:
+- Files: `<output>/<prompt-slug>-<seed>-<i>.png` and `<prompt-slug>-<seed>-sheet.png` (the contact
+  sheet, when more than one image was made), output `./out` by default. An existing file is never
+  replaced: "-1", "-2", ... is added. Each file is written whole or not at all. The sheet carries
+  the batch's recipe too (no index), so `--from sheet.png` makes the whole batch again.
+- `--from FILE.png` re-runs the image's whole batch (repulsion couples the images, so image i alone
+  cannot be made) and writes only image i; `--all` writes the batch and its sheet. Options given
+  beside `--from` override the recipe (then it is a variation, not a copy).
+- `--diversity D` (0..1; 0.5 by default, 0 = plain seeds) maps onto each method's range:
+  contextual: scale = lo * (hi / lo) ** D over the model's recommended range (`Defaults`, FLUX.1:
+  1e8 to 5e9), iterations and steps from the model's defaults, all blocks; `--repulsion-*` set each
+  one directly. particle: scale = D * W * H / 4 (the size of FLUX's packed latents, so the push is
+  about the same at any resolution: at D = 0.5 it moves the latents about 0.3 noise standard
+  deviations over a schnell run). cads: noise_scale = 0.5 * D (0.25, the CADS default, at D = 0.5),
+  seeded per batch. A batch of one image has nothing to push apart: the method is dropped unless it
+  was asked for explicitly, which is then an error.
+- A prompt over the T5 limit is an error (diffusers would cut it silently); `--truncate` accepts the
+  cut and says how many tokens went.
+- `--batch-size B` splits n images into batches of B (image i keeps seed + i; each image's recipe
+  names its own batch). Ctrl-C stops after the current step; the batches already finished are kept.
 """
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -41,7 +63,7 @@ DEFAULT_OUTPUT = "out"
 DEFAULT_N = 4
 DEFAULT_DIVERSITY = 0.5
 SIZE_MULTIPLE = 16  # FLUX.1: 8x VAE and 2x2 patches; the engine checks its own multiple again
-PARTICLE_SCALE_PER_LATENT = 1.0  # --method particle: scale = diversity * W * H / 4 (the packed latent size)
+PARTICLE_SCALE = 1.0  # --method particle: scale = diversity (the engine normalises the push by the latent size)
 CADS_MAX_NOISE = 0.5  # --method cads: noise_scale = diversity * 0.5 (0.25, the CADS default, at 0.5)
 SHEET_TILE = (256, 512)  # contact sheet tiles: small images scaled up (nearest) to at least 256 px, big ones down to 512
 
@@ -79,6 +101,12 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         err("\ninterrupted")
         return 130
+    except BrokenPipeError:  # stdout closed early (| head): stop quietly
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 1
 
 
 # --- generate ------------------------------------------------------------------------------------------------
@@ -94,7 +122,7 @@ def generation_parser() -> argparse.ArgumentParser:
                        "Hub repo or BFL file\n"
                        "  mlx-crepulse generate PROMPT          the default command, spelled out\n\n"
                        "--diversity D (0..1) maps onto each method's range: contextual scale = lo*(hi/lo)**D over "
-                       "the model's\nrecommended range (FLUX: 1e8..5e9); particle scale = D*W*H/4; cads noise = "
+                       "the model's\nrecommended range (FLUX: 1e8..5e9); particle scale = D; cads noise = "
                        "0.5*D. 0 = plain seeds.\nstdout: only the paths written. Exit 2: bad input, nothing "
                        "written. Exit 130: interrupted.")
     p.add_argument("prompt", nargs="?", help="what to draw")
@@ -209,6 +237,7 @@ def _generate(args, stdout) -> int:
     if not quiet:
         err(f"loading {source}" + (f" ({quantize}-bit)" if quantize else "") + " ...")
     from .pipeline import Cancelled, Pipeline
+    from .repulsion import CADS
 
     started = time.perf_counter()
     try:
@@ -219,6 +248,8 @@ def _generate(args, stdout) -> int:
     width, height = opts["width"] or pipe.defaults.width, opts["height"] or pipe.defaults.height
     batches = _batches(n, opts["batch_size"], method is not None)
     wanted = None if (args.all or index is None or not args.from_file) else index
+    if wanted is not None and wanted >= n:
+        raise UsageError(f"{args.from_file} is image {wanted} of its batch; -n {n} does not reach it")
     stop = _Interrupt()
     bar = _Bar(len(batches), quiet)
     written, done_images, first_settings = [], [], None
@@ -230,10 +261,13 @@ def _generate(args, stdout) -> int:
                 interrupted = True
                 break
             bar.batch = b
+            batch_method = method
+            if isinstance(method, CADS) and offset:  # fresh condition noise for each batch, as image seeds
+                batch_method = dataclasses.replace(method, seed=method.seed + offset)
             try:
                 result = pipe.generate(prompt, n=size, seed=seed + offset, steps=opts["steps"],
                                        guidance=opts["guidance"], width=width, height=height,
-                                       max_sequence_length=max_len, repulsion=method,
+                                       max_sequence_length=max_len, repulsion=batch_method,
                                        negative_prompt=opts["negative_prompt"], true_cfg=opts["true_cfg"],
                                        callback=lambda p: bar(p) and not stop.requested)
             except Cancelled:
@@ -253,6 +287,7 @@ def _generate(args, stdout) -> int:
                 stdout.emit(path)
                 written.append(path)
                 done_images.append(image)
+        interrupted = interrupted or stop.requested  # Ctrl-C during the last decode: images kept, still 130
     if len(done_images) > 1 and not args.no_sheet:
         sheet_recipe = dict(first_settings, n=len(done_images), index=None, image_seed=None)
         if len(batches) > 1:
@@ -351,7 +386,7 @@ def _build_method(spec, defaults, opts, seed):
                          blocks=s["blocks"])
     width, height = opts["width"] or defaults.width, opts["height"] or defaults.height
     if kind == "particle":
-        return ParticleGuidance(scale=float(f"{d * PARTICLE_SCALE_PER_LATENT * width * height / 4:.3g}"))
+        return ParticleGuidance(scale=float(f"{d * PARTICLE_SCALE:.3g}"))
     return CADS(noise_scale=round(d * CADS_MAX_NOISE, 4), seed=seed)
 
 
@@ -367,6 +402,8 @@ def _batches(n, batch_size, repelling):
 
 def _model_source(model: str) -> str:
     """Existing folders become absolute paths, so that a recipe names them wherever it is re-run."""
+    if model == "demo" or model in weights.ALIASES:  # names first, as weights.resolve reads them
+        return model
     path = Path(model).expanduser()
     if path.exists():
         return str(path.resolve())
@@ -384,15 +421,11 @@ def _defaults(folder: Path):
 def _check_tokens(folder, prompt, negative, max_len, truncate, quiet):
     """A prompt longer than the T5 limit would be cut silently (as diffusers does): refuse unless
     --truncate, and then say how much was cut."""
-    from transformers import AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    tok = AutoTokenizer.from_pretrained(str(folder / "tokenizer_2"))
+    count_tokens = token_counter(folder)
     for what, text in (("prompt", prompt), ("negative prompt", negative)):
         if not text:
             continue
-        count = len(tok(text, truncation=False).input_ids)
+        count = count_tokens(text)
         if count <= max_len:
             continue
         over = count - max_len
@@ -401,6 +434,26 @@ def _check_tokens(folder, prompt, negative, max_len, truncate, quiet):
                              f"shorten it, or pass --truncate to cut the last {over}")
         if not quiet:
             err(f"warning: the {what} is {count} T5 tokens; cut {over} to fit the limit of {max_len}")
+
+
+def token_counter(folder: Path):
+    """T5 tokens of a text, end token included, as `Pipeline.token_count` counts them, but before any
+    weights are loaded: from tokenizer_2/tokenizer.json with the `tokenizers` library when the folder
+    has it (fast: no transformers import), else through transformers."""
+    path = folder / "tokenizer_2" / "tokenizer.json"
+    if path.exists():
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(path))
+        tok.no_truncation()
+        tok.no_padding()
+        return lambda text: len(tok.encode(text).ids)
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    tok = AutoTokenizer.from_pretrained(str(folder / "tokenizer_2"))
+    return lambda text: len(tok(text, truncation=False).input_ids)
 
 
 def _check_writable(folder: Path):
@@ -538,14 +591,14 @@ def cmd_info(argv) -> int:
         except ValueError as e:
             raise UsageError(str(e)) from e
     if args.json:
-        print(json.dumps(recipes[0] if len(recipes) == 1 else recipes, indent=2))
+        print(json.dumps(recipes[0] if len(recipes) == 1 else recipes, indent=2, ensure_ascii=False))
         return 0
     for i, (f, r) in enumerate(zip(args.files, recipes)):
         if len(recipes) > 1:
             print(("\n" if i else "") + f"== {f}")
         print(metadata.a1111_parameters(r))
         print()
-        print(json.dumps(r, indent=2))
+        print(json.dumps(r, indent=2, ensure_ascii=False))
     return 0
 
 
@@ -568,11 +621,18 @@ def cmd_download(argv) -> int:
         raise UsageError(f"unknown model {args.name!r}: use schnell, dev or a Hub repo id (owner/name)")
     out = None
     if args.quantize or args.output:
-        out = Path(args.output) if args.output else Path(f"{repo.split('/')[-1]}-{args.quantize}bit")
+        out = Path(args.output).expanduser() if args.output else Path(f"{repo.split('/')[-1]}-{args.quantize}bit")
         _check_new_folder(out)
-    if not args.quiet:
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    if not args.quiet and not offline:
         err(f"downloading {repo} ...")
-    snapshot = Path(weights.download(repo, progress=not args.quiet))
+    try:
+        snapshot = Path(weights.download(repo, progress=not args.quiet))
+    except weights.WeightsError as e:
+        if offline:
+            raise UsageError(f"{repo} is not in the Hugging Face cache and HF_HUB_OFFLINE is set: unset it "
+                             "to download") from e
+        raise
     if out is None:
         print(snapshot, flush=True)
         return 0
@@ -594,7 +654,7 @@ def cmd_convert(argv) -> int:
                                   "file has a guidance embedding, else schnell)")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
-    out = Path(args.output)
+    out = Path(args.output).expanduser()
     _check_new_folder(out)
     source = Path(args.source).expanduser()
     if source.is_file():
@@ -613,8 +673,9 @@ def cmd_convert(argv) -> int:
     base = _model_source(base)
     base_folder = weights.resolve(base, progress=not args.quiet)
     if bfl is None:
-        _save(base if Path(base).exists() else str(base_folder), out, args.quantize, args.quiet)
+        _save(str(base_folder), out, args.quantize, args.quiet)
         return 0
+    out.resolve().parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.resolve().parent))
     try:
         for entry in base_folder.iterdir():
@@ -662,6 +723,9 @@ def _save(source: str, out: Path, quantize, quiet):
     out = out.expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(partial, 0o777 & ~umask)  # mkdtemp makes it private; the folder is an ordinary one
     try:
         if not quiet:
             err(f"writing {out} ...")

@@ -6,7 +6,6 @@ acts through three narrow points of the sampler: the text condition (CADS), a ho
 transformer's blocks (repulsion, blending), and the velocity (particle guidance).
 """
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,10 +112,17 @@ class Pipeline:
         missing = [c for c in weights.COMPONENTS if c not in index or not (folder / c).is_dir()]
         if missing:
             raise weights.WeightsError(f"{folder} is not a complete FLUX pipeline: missing {', '.join(missing)}")
-        from transformers import AutoTokenizer
+        # Everything cheap is checked before the first of many gigabytes is read: every config, every
+        # weight file an index lists, the tokenizers and the scheduler.
+        configs = {name: weights.read_json(folder / name / "config.json")
+                   for name in ("transformer", "text_encoder", "text_encoder_2", "vae")}
+        for name in configs:
+            weights.weight_files(folder / name)
+        tokenizer, tokenizer_2 = (_tokenizer(folder / name) for name in ("tokenizer", "tokenizer_2"))
+        scheduler = weights.read_json(folder / "scheduler" / "scheduler_config.json")
 
         def component(name, model_cls, sanitize):
-            config = weights.read_json(folder / name / "config.json")
+            config = configs[name]
             saved = config.get("quantization")
             bits = quantize if (name in weights.QUANTIZED and not saved) else None
             return weights.load_into(model_cls(config), folder / name, sanitize, bits, saved)
@@ -128,9 +134,6 @@ class Pipeline:
         transformer = component("transformer", FluxTransformer, None)
         vae = component("vae", autoencoder.AutoencoderKL, autoencoder.sanitize)
         clip_model, t5_model = encoders()
-        tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer"))
-        tokenizer_2 = AutoTokenizer.from_pretrained(str(folder / "tokenizer_2"))
-        scheduler = weights.read_json(folder / "scheduler" / "scheduler_config.json")
         defaults = Defaults.for_model(folder, transformer.config)
         return cls(transformer, clip_model, t5_model, vae, tokenizer, tokenizer_2, scheduler, defaults,
                    source=str(source), quantize=_saved_bits(transformer.config) or quantize,
@@ -343,6 +346,17 @@ class Pipeline:
             raise ValueError(f"true_cfg must be 1 (off) or more, not {true_cfg}")
         if not 0 < strength <= 1:
             raise ValueError(f"strength must be in (0, 1], not {strength}")
+
+
+def _tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    except Exception as e:  # transformers raises OSError, ValueError, TypeError... for missing files
+        cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise weights.WeightsError(f"cannot load the tokenizer in {folder}: its files are missing or unreadable; "
+                                   f"download or convert the model again (transformers says: {cause})") from e
 
 
 def _capture(block: int, n: int, out: list):

@@ -265,8 +265,9 @@ class Repulsion(Method):
 class ParticleGuidance(Method):
     """Particle guidance (Corso et al. 2023) on the latents: an RBF kernel with the median bandwidth
     h = median(|x_i - x_j|^2) / log(B - 1); each sample's velocity gets a repulsive term, scaled by the
-    noise level, while sigma > `until` (the noisy part of the trajectory)."""
-    scale: float = 1.0
+    noise level, while sigma > `until` (the noisy part of the trajectory). `scale` 1 pushes each sample
+    by about its kernel-weighted distance to the others over a unit of sigma (see `rbf_repulsion`)."""
+    scale: float = 0.5
     until: float = 0.5
 
     def validate(self, n, transformer):
@@ -281,10 +282,12 @@ class ParticleGuidance(Method):
 
 
 def rbf_repulsion(x: mx.array) -> mx.array:
-    """-grad_x_i of sum_j k(x_i, x_j) for the RBF kernel with the median heuristic bandwidth: the
-    direction that moves each sample away from the others (B, ...)."""
+    """The direction that moves each sample away from the others (B, ...): -grad_x_i sum_j k(x_i, x_j)
+    for the RBF kernel k = exp(-|x_i - x_j|^2 / h) with the median bandwidth, times h / 2. That factor
+    makes it sum_j k_ij (x_i - x_j), in the latents' own units whatever their size, so one scale means
+    the same push at every resolution."""
     B = x.shape[0]
-    f = x.reshape(B, -1)
+    f = x.reshape(B, -1).astype(mx.float32)
     sq = (f * f).sum(-1)
     d2 = mx.maximum(sq[:, None] + sq[None] - 2 * f @ f.T, 0)
     off = mx.sort(d2.reshape(-1)[mx.array(np.flatnonzero(~np.eye(B, dtype=bool)))])
@@ -292,9 +295,8 @@ def rbf_repulsion(x: mx.array) -> mx.array:
     # log(B - 1) is 0 for a pair; the PG paper's heuristic is for larger batches, so keep it positive
     h = mx.maximum(median, 1e-8) / max(np.log(B - 1), 1.0)
     k = mx.exp(-d2 / h)
-    # d/dx_i sum_j exp(-|x_i - x_j|^2 / h) = sum_j -2 (x_i - x_j) / h * k_ij
-    rep = (2 / h) * ((k.sum(1, keepdims=True) * f) - k @ f)
-    return rep.reshape(x.shape)
+    rep = k.sum(1, keepdims=True) * f - k @ f  # sum_j k_ij (x_i - x_j)
+    return rep.reshape(x.shape).astype(x.dtype)
 
 
 @dataclass

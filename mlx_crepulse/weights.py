@@ -90,7 +90,11 @@ def weight_files(folder: Path) -> list:
     """The safetensors files of one component: the shards of its index, or its single file."""
     indexes = sorted(folder.glob("*.safetensors.index.json"))
     if indexes:
-        shards = sorted(set(read_json(indexes[0])["weight_map"].values()))
+        weight_map = read_json(indexes[0]).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise WeightsError(f"{indexes[0]} has no weight_map, so it is not a shard index; download the "
+                               "model again")
+        shards = sorted(set(weight_map.values()))
         files = [folder / s for s in shards]
     else:
         files = sorted(folder.glob("*.safetensors"))
@@ -194,8 +198,8 @@ def quantize_predicate(group_size: int = GROUP_SIZE):
 
 
 def load_into(model: nn.Module, folder: Path, sanitize=None, quantize=None, saved_quantization=None):
-    """Load a component's weights shard by shard; with `quantize` (bits) each shard is quantized as it is
-    read, so peak memory stays near the quantized size plus one shard."""
+    """Load a component's weights shard by shard; with `quantize` (bits) each layer is quantized as it is
+    read, so peak memory stays near the quantized size plus one layer."""
     files = weight_files(folder)
     if saved_quantization:  # a folder written by `save` after quantizing: build the quantized layers first
         group = saved_quantization["group_size"]
@@ -221,14 +225,20 @@ def load_into(model: nn.Module, folder: Path, sanitize=None, quantize=None, save
                 raise WeightsError(f"tensor {key!r} in {f} has shape {tuple(w.shape)}, the config "
                                    f"({folder / 'config.json'}) needs {tuple(want.shape)}")
         model.load_weights(list(weights.items()), strict=False)
-        if quantize:
-            _quantize_loaded(model, quantized_paths, weights, quantize)
-        # Evaluate only what this shard filled in: the untouched layers still hold lazy random
-        # initialisers, which must never be computed (at full size they would take tens of GB).
-        arrived = {k.rpartition(".")[0] for k in weights}
-        mx.eval([v for k, v in tree_flatten(model.parameters()) if k.rpartition(".")[0] in arrived])
+        swapped = _quantize_loaded(model, quantized_paths, weights, quantize) if quantize else set()
         seen.update(weights)
-        del weights
+        arrived = set(weights)
+        del weights  # from here the model holds the only references to this shard's tensors
+        # Evaluate only what this shard filled in: the untouched layers still hold lazy random
+        # initialisers, which must never be computed (at full size they would take tens of GB). Go layer
+        # by layer, so that when quantizing each layer's full-precision tensors are freed as soon as it
+        # is quantized: a whole-model file (a 24 GB BFL checkpoint) never sits in memory at once.
+        layers = {}
+        for k, v in tree_flatten(model.parameters()):
+            if k in arrived or k.rpartition(".")[0] in swapped:
+                layers.setdefault(k.rpartition(".")[0], []).append(v)
+        for params in layers.values():
+            mx.eval(params)
     missing = sorted(set(expected) - seen)
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
@@ -238,12 +248,13 @@ def load_into(model: nn.Module, folder: Path, sanitize=None, quantize=None, save
 
 
 def _quantize_loaded(model, paths, weights, bits):
-    """Swap the Linear layers whose weights just arrived for quantized ones."""
+    """Swap the Linear layers whose weights just arrived for quantized ones; returns their paths."""
     modules = dict(model.named_modules())
     arrived = {k.rpartition(".")[0] for k in weights if k.endswith(".weight")}
     swaps = [(p, nn.QuantizedLinear.from_linear(modules[p], GROUP_SIZE, bits)) for p in sorted(arrived & paths)]
     if swaps:
         model.update_modules(tree_unflatten(swaps))
+    return {p for p, _ in swaps}
 
 
 # --- saving ------------------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ def methods(pipe, quick=False):
     for s in contextual:
         rows.append(("contextual", f"contextual {s:.3g}",
                      Repulsion(scale=s, iterations=d.repulsion_iterations, steps=d.repulsion_steps, blocks="all"), {}))
-    for s in ([30, 100, 300] if quick else [10, 30, 100, 300, 1000]):
+    for s in ([0.1, 0.3, 1.0] if quick else [0.1, 0.3, 1.0, 3.0]):
         rows.append(("particle", f"particle {s:g}", ParticleGuidance(scale=float(s)), {}))
     for s in ([0.25, 0.5, 1.0] if quick else [0.1, 0.25, 0.5, 1.0]):
         rows.append(("cads", f"CADS {s:g}", CADS(noise_scale=s), {}))

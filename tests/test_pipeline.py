@@ -6,6 +6,9 @@ CPU, and read by our loader from the same folder. Everything else (seeds, low-me
 checks, quantization) is checked against our own unquantized float32 output or the documented API.
 """
 
+import functools
+import json
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -13,7 +16,6 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
-from mlx.utils import tree_flatten
 
 from mlx_crepulse import Pipeline, sampling
 from tests import tiny
@@ -27,16 +29,27 @@ def latents(n=2, seed=0):
     return np.random.default_rng(seed).standard_normal((n, TOKENS, CHANNELS)).astype(np.float32)
 
 
-def diffusers_images(folder, L, **kw):
+@functools.lru_cache(maxsize=None)
+def loaded(folder, quantize=None) -> Pipeline:
+    """Our pipeline for a folder, loaded once per test session (tests that change one use their own)."""
+    return Pipeline.from_pretrained(str(folder), quantize=quantize)
+
+
+@functools.lru_cache(maxsize=None)
+def reference(folder) -> FluxPipeline:
     ref = tiny.reference(folder)
     ref.set_progress_bar_config(disable=True)
-    return ref(PROMPT, latents=torch.from_numpy(L), num_inference_steps=4, guidance_scale=3.5,
+    return ref
+
+
+def diffusers_images(folder, L, **kw):
+    return reference(folder)(PROMPT, latents=torch.from_numpy(L), num_inference_steps=4, guidance_scale=3.5,
                height=tiny.SIZE, width=tiny.SIZE, max_sequence_length=tiny.SEQ, output_type="np",
                num_images_per_prompt=L.shape[0], **kw).images
 
 
 def ours(folder, L, **kw):
-    return Pipeline.from_pretrained(str(folder)).generate(PROMPT, n=L.shape[0], latents=L, output_type="np",
+    return loaded(folder).generate(PROMPT, n=L.shape[0], latents=L, output_type="np",
                                                           steps=4, **kw).images
 
 
@@ -127,16 +140,15 @@ def test_quantize_8_bits_close_to_float(wide_dir):
     """At 8 bits the transformer's and T5's Linear layers really are quantized (CLIP and the VAE are
     not) and the images stay within 0.05 of the float32 ones; at 4 bits the images are finite."""
     L = latents()
-    full = Pipeline.from_pretrained(str(wide_dir)).generate(PROMPT, n=2, latents=L, output_type="np").images
-    pipe8 = Pipeline.from_pretrained(str(wide_dir), quantize=8)
+    full = loaded(wide_dir).generate(PROMPT, n=2, latents=L, output_type="np").images
+    pipe8 = loaded(wide_dir, 8)
     q_tf, q_t5 = quantized_layers(pipe8.transformer), quantized_layers(pipe8.text_encoder_2)
     assert len(q_tf) >= 20 and "transformer_blocks.0.attn.to_q" in q_tf and "x_embedder" not in q_tf
     assert len(q_t5) >= 10 and not quantized_layers(pipe8.text_encoder) and not quantized_layers(pipe8.vae)
     assert pipe8.quantize == 8
     img8 = pipe8.generate(PROMPT, n=2, latents=L, output_type="np").images
     err8 = np.abs(img8 - full).max()
-    img4 = Pipeline.from_pretrained(str(wide_dir), quantize=4).generate(PROMPT, n=2, latents=L,
-                                                                         output_type="np").images
+    img4 = loaded(wide_dir, 4).generate(PROMPT, n=2, latents=L, output_type="np").images
     err4 = np.abs(img4 - full).max()
     print(f"8-bit max abs difference to float32 {err8:.2e}; 4-bit {err4:.2e}")
     assert 0 < err8 <= 0.05
@@ -148,7 +160,7 @@ def test_saved_quantized_pipeline_reloads_identically(bits, wide_dir, tmp_path):
     """`save` of a quantized pipeline writes a folder that loads (with no quantize argument) as the same
     quantized model, giving bit-identical images; asking it for other bits keeps the saved ones."""
     L = latents()
-    pipe = Pipeline.from_pretrained(str(wide_dir), quantize=bits)
+    pipe = loaded(wide_dir, bits)
     want = pipe.generate(PROMPT, n=2, latents=L, output_type="np").images
     pipe.save(tmp_path / "saved")
     again = Pipeline.from_pretrained(str(tmp_path / "saved"))
@@ -179,9 +191,10 @@ def test_sharded_folder_loads_like_unsharded(quantize, wide_dir, sharded_dir):
     for name in ("transformer", "text_encoder_2"):
         assert len(list((sharded_dir / name).glob("*.safetensors"))) >= 3
         assert list((sharded_dir / name).glob("*.safetensors.index.json"))
+    shard_of = json.loads(next((sharded_dir / "transformer").glob("*.index.json")).read_text())["weight_map"]
+    assert any(shard_of[k] != shard_of.get(k.replace(".weight", ".bias"), shard_of[k]) for k in shard_of)
     L = latents()
-    want = Pipeline.from_pretrained(str(wide_dir), quantize=quantize).generate(PROMPT, n=2, latents=L,
-                                                                                output_type="np").images
+    want = loaded(wide_dir, quantize).generate(PROMPT, n=2, latents=L, output_type="np").images
     got = Pipeline.from_pretrained(str(sharded_dir), quantize=quantize).generate(PROMPT, n=2, latents=L,
                                                                                   output_type="np").images
     np.testing.assert_array_equal(got, want)
@@ -190,9 +203,9 @@ def test_sharded_folder_loads_like_unsharded(quantize, wide_dir, sharded_dir):
 # --------------------------------------------------------------------------- generate's contract
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def schnell(schnell_dir):
-    return Pipeline.from_pretrained(str(schnell_dir))
+    return loaded(schnell_dir)
 
 
 @pytest.mark.parametrize("kwargs, words", [

@@ -66,4 +66,4 @@ def build(folder: Path, guidance_embeds: bool, seed: int = 0, wide: bool = False
 
 
 def reference(folder: Path) -> FluxPipeline:
-    return FluxPipeline.from_pretrained(folder, torch_dtype=torch.float32)
+    return FluxPipeline.from_pretrained(folder, dtype=torch.float32)

@@ -1,0 +1,397 @@
+"""The desktop app, driven as a person would (pytest-qt, offscreen), on the real pipeline.
+
+The model is the bundled demo once it exists (mlx_crepulse/demo_model/model_index.json), else a tiny
+random pipeline folder (tests/tiny.py); nothing of the engine is mocked. One engine thread serves
+every window of the session, so the model loads once.
+"""
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("pytestqt")
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
+from PIL import Image as PILImage  # noqa: E402
+from PySide6.QtCore import QSettings, Qt, QTimer  # noqa: E402
+
+import mlx_crepulse  # noqa: E402
+from desktop import controls, history as history_mod, models, refine, worker  # noqa: E402
+from desktop.history import History  # noqa: E402
+from desktop.viewer import Compare, Viewer  # noqa: E402
+from desktop.window import MainWindow  # noqa: E402
+from mlx_crepulse import metadata  # noqa: E402
+
+DEMO_INDEX = Path(mlx_crepulse.__file__).parent / "demo_model" / "model_index.json"
+ROOT = Path(__file__).resolve().parents[1]
+TIMEOUT = 120_000  # ms for one batch on a busy 2-core machine
+
+
+@pytest.fixture(scope="session")
+def model_source(request):
+    """The one switch: "demo" when the bundled model exists, else a tiny random pipeline folder."""
+    if DEMO_INDEX.exists():
+        return "demo"
+    return str(request.getfixturevalue("schnell_dir"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def engine_thread():
+    yield
+    worker.shutdown()
+
+
+@pytest.fixture
+def make_window(qtbot, tmp_path, model_source):
+    def make(data_dir=None, n=3, steps=None):
+        settings = QSettings(str(tmp_path / "settings.ini"), QSettings.Format.IniFormat)
+        w = MainWindow(data_dir=data_dir or tmp_path / "data", settings=settings)
+        qtbot.addWidget(w)
+        w.ask = lambda *a: False  # no modal questions in tests
+        w.form.set_source(model_source)
+        w.form.n.setValue(n)
+        if steps:
+            w.form.steps.setValue(steps)
+        w.resize(1100, 760)
+        w.show()
+        qtbot.waitExposed(w)
+        return w
+    return make
+
+
+def run(qtbot, w, start) -> int:
+    """Start a job with `start()` and wait for its end; returns the new batch id."""
+    with qtbot.waitSignal(w.job_ended, timeout=TIMEOUT) as ended:
+        assert start() is True, w.banner.text
+    assert ended.args == ["finished"], w.banner.text
+    return w.batch.id
+
+
+def generate(qtbot, w, prompt="a red fox in the snow", seed=None):
+    w.form.prompt.setPlainText(prompt)
+    if seed is not None:
+        w.form.seed.setValue(seed)
+
+    def start():
+        w.form.prompt.setFocus()
+        qtbot.keyClick(w.form.prompt, Qt.Key.Key_Return, Qt.KeyboardModifier.ControlModifier)  # Ctrl+Enter
+        return w.job is not None
+    return run(qtbot, w, start)
+
+
+@contextlib.contextmanager
+def collecting(signal):
+    """Everything `signal` carries while the block runs (connected directly: runs in the engine thread)."""
+    got = []
+
+    def slot(*args):
+        got.append(args)
+    signal.connect(slot)
+    try:
+        yield got
+    finally:
+        signal.disconnect(slot)
+
+
+def pixels(path) -> np.ndarray:
+    with PILImage.open(path) as im:
+        return np.asarray(im.convert("RGB"), np.int16)
+
+
+# --- generating and cancelling ------------------------------------------------------------------------------
+
+def test_generation_fills_grid_with_previews(qtbot, make_window):
+    w = make_window(n=3)
+    ticks = []
+    timer = QTimer()
+    timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
+    timer.start(20)
+    with collecting(w.engine.preview) as previews, collecting(w.engine.progress) as progress:
+        batch_id = generate(qtbot, w)
+    timer.stop()
+    assert max(np.diff(ticks)) < 1.0  # the window never froze, model loading included
+    b = w.history.batch(batch_id)
+    assert len(b.images) == 3 and len(w.grid.tiles) == 3
+    assert all(t.final and not t.image.isNull() for t in w.grid.tiles)
+    assert previews and len(previews[0][0]) == 3  # each tile saw a preview before the final image
+    assert progress[-1][0] == progress[-1][1]
+    assert all(im.path.is_file() for im in b.images)
+    recipe = metadata.read_png(b.images[0].path)  # the CLI's metadata in each PNG
+    assert recipe["prompt"] == "a red fox in the snow" and recipe["index"] == 0
+    assert w.form.generate.isEnabled() and not w.cancel_btn.isEnabled()
+    # the tiles are large enough to judge
+    assert w.grid.tiles[0].width() >= 192
+
+
+def test_cancel_mid_run_keeps_window_usable(qtbot, make_window):
+    w = make_window(n=2, steps=60)
+    before = w.history.count()
+    w.form.prompt.setPlainText("a slow lighthouse")
+    with collecting(w.engine.progress) as progress, qtbot.waitSignal(w.job_ended, timeout=TIMEOUT) as ended:
+        assert w.generate()
+        qtbot.waitUntil(lambda: len(progress) >= 2, timeout=TIMEOUT)
+        asked_at = progress[-1][0]
+        qtbot.keyClick(w, Qt.Key.Key_Escape)
+        assert "Cancelling" in w.progress_label.text()
+    steps = [p[0] for p in progress]
+    assert ended.args == ["cancelled"]
+    assert max(steps) <= asked_at + 1 < 60  # stopped within one step
+    assert w.history.count() == before  # nothing half-done is saved
+    assert w.form.generate.isEnabled() and not w.engine.busy
+    assert w.progress_label.text() == "Cancelled"
+    w.form.steps.setValue(0)
+    generate(qtbot, w, "after a cancel")  # the window and the engine still work
+
+
+# --- stars, keyboard, viewer -------------------------------------------------------------------------------
+
+def test_stars_keyboard_and_restart(qtbot, make_window, tmp_path):
+    data = tmp_path / "data"
+    w = make_window(data_dir=data, n=3)
+    generate(qtbot, w)
+    g = w.grid
+    g.setFocus()
+    assert g.current == 0
+    qtbot.keyClick(g, Qt.Key.Key_Right)
+    assert g.current == 1
+    qtbot.keyClick(g, Qt.Key.Key_S)  # star with a key
+    tile = g.tiles[2]
+    qtbot.mouseClick(tile, Qt.MouseButton.LeftButton, pos=tile.star_rect().center())  # and with a click
+    assert g.current == 2 and [t.starred for t in g.tiles] == [False, True, True]
+    qtbot.keyClick(g, Qt.Key.Key_Space)  # un-star
+    qtbot.keyClick(g, Qt.Key.Key_Space)  # star again
+    # Enter opens the full view; arrows move in it, S stars there too
+    qtbot.keyClick(g, Qt.Key.Key_Left)
+    qtbot.keyClick(g, Qt.Key.Key_Left)
+    qtbot.keyClick(g, Qt.Key.Key_Return)
+    viewer = [d for d in w.dialogs if isinstance(d, Viewer)][-1]
+    assert viewer.isVisible() and viewer.index == 0
+    qtbot.keyClick(viewer, Qt.Key.Key_Right)
+    assert viewer.index == 1 and viewer.current.starred
+    viewer.close()
+    # compare: pin with C, select another, C again
+    qtbot.keyClick(g, Qt.Key.Key_C)
+    qtbot.keyClick(g, Qt.Key.Key_Right)
+    qtbot.keyClick(g, Qt.Key.Key_C)
+    cmp = [d for d in w.dialogs if isinstance(d, Compare)][-1]
+    assert cmp.isVisible() and (cmp.a.index, cmp.b.index) == (0, 1)
+    cmp.close()
+    w.form.n.setValue(5)
+    w.form.diversity.setValue(8)
+    w.form.advanced_button.setChecked(True)
+    w.close()
+
+    w2 = make_window(data_dir=data, n=5)  # a restart of the app object, same folder and preferences
+    assert [t.starred for t in w2.grid.tiles] == [False, True, True]
+    assert [im.index for im in w2.history.starred()] == [1, 2]
+    assert w2.form.diversity.value() == 8 and w2.form.advanced_button.isChecked()
+    w2.history_view.starred_only.setChecked(True)
+    assert [im.index for im in w2.history_view.grid.items()] == [1, 2]
+
+
+# --- refine, explore, blend, upscale, history ----------------------------------------------------------------
+
+def test_refine_explore_blend_upscale_and_rerun(qtbot, make_window, tmp_path):
+    w = make_window(n=3)
+    w.form.diversity.setValue(5)
+    first = generate(qtbot, w, seed=1234)
+    h = w.history
+    g = w.grid
+    g.select(0)
+    g.toggle_star()
+    g.select(1)
+    g.toggle_star()
+    a, b = h.starred()  # image 0, then image 1
+    assert (a.index, b.index) == (0, 1)
+
+    g.select(0)
+    subtle = run(qtbot, w, lambda: w.vary(refine.SUBTLE))
+    g.select(0)  # image 0 of the subtle batch, which has stored noise: a variation of a variation
+    strong = run(qtbot, w, lambda: w.vary(refine.STRONG))
+    assert h.inputs(first) == {}  # a plain batch is rebuilt from its seeds
+    for batch_id, parent in ((subtle, a.id), (strong, h.batch(subtle).images[0].id)):
+        bb = h.batch(batch_id)
+        assert bb.kind.startswith("vary") and bb.parent_image == parent and len(bb.images) == 3
+        assert bb.recipe["repulsion"]["method"] == "Repulsion"  # repelled among themselves
+
+    def closeness(batch_id):  # mean correlation of the new noises with each other
+        lat = h.inputs(batch_id)["latents"]
+        return np.mean([np.corrcoef(lat[i].ravel(), lat[j].ravel())[0, 1] for i, j in ((0, 1), (0, 2), (1, 2))])
+    assert closeness(subtle) > 0.8 and 0.35 < closeness(strong) < 0.8  # 1 - mix**2: 0.91 and 0.58
+
+    seen = sum(len(x.images) for x in h.batches() if x.prompt == "a red fox in the snow")
+    explore = run(qtbot, w, w.explore)
+    e = h.batch(explore)
+    assert e.kind == "explore" and e.recipe["repulsion"]["reference_size"] == seen
+    assert h.inputs(explore)["reference"].shape[0] == seen
+
+    blend = run(qtbot, w, lambda: w.blend(a, b, 1.3))  # extrapolation beyond B
+    bl = h.batch(blend)
+    assert bl.recipe["blend"]["alphas"] == [1.3] and len(bl.images) == 3
+    assert [im.label for im in bl.images][:2] == ["A", "B"]
+    lat = h.inputs(blend)["latents"]
+    assert np.array_equal(lat[0], lat[2]) and not np.array_equal(lat[0], lat[1])  # the blend keeps A's noise
+    with pytest.raises(ValueError):
+        refine.blend(h, a, b, [2.0])
+
+    w.grid.select(0)
+    g0 = w.grid.current_item()
+    up = run(qtbot, w, w.upscale)
+    u = h.batch(up)
+    assert u.kind == "upscale" and u.images[0].width == 2 * g0.width and u.recipe["strength"] == 0.5
+
+    # history: run a stored recipe again -> the same pixels (custom noise, blend, plain seeds)
+    w.tabs.setCurrentIndex(1)
+    hv = w.history_view
+    for batch_id in (subtle, blend, first):
+        hv.refresh(select_batch=batch_id)
+        assert hv.current_batch().id == batch_id
+        again = run(qtbot, w, lambda: (hv.rerun_btn.click(), w.job is not None)[1])
+        for old, new in zip(h.batch(batch_id).images, h.batch(again).images):
+            assert np.abs(pixels(old.path) - pixels(new.path)).max() <= 1
+    # "use settings" fills the form; generating from it reproduces the plain batch
+    hv.refresh(select_batch=first)
+    hv.use_btn.click()
+    assert w.form.prompt.toPlainText() == "a red fox in the snow" and w.form.seed.value() == 1234
+    same = generate(qtbot, w)
+    for old, new in zip(h.batch(first).images, h.batch(same).images):
+        assert np.abs(pixels(old.path) - pixels(new.path)).max() <= 1
+    # export copies PNGs with their recipes
+    w.tabs.setCurrentIndex(1)
+    hv.refresh(select_batch=first)
+    out = hv.export_to(tmp_path / "export")
+    assert len(out) == 3 and metadata.read_png(out[0])["seed"] == 1234
+
+
+# --- crashes ----------------------------------------------------------------------------------------------
+
+def test_failure_while_saving_keeps_history(qtbot, make_window, tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    w = make_window(data_dir=data, n=3)
+    generate(qtbot, w, "kept")
+    real = metadata.write_png
+    calls = []
+
+    def flaky(path, *args, **kw):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError("disk full (simulated)")
+        return real(path, *args, **kw)
+    monkeypatch.setattr(history_mod.metadata, "write_png", flaky)
+    w.form.prompt.setPlainText("lost")
+    with qtbot.waitSignal(w.job_ended, timeout=TIMEOUT) as ended:
+        assert w.generate()
+    assert ended.args == ["failed"] and "disk full" in w.banner.text
+    assert [t.final for t in w.grid.tiles] == [True] * 3  # the earlier batch is back on screen
+    w.close()
+    h = History(data)
+    assert [b.prompt for b in h.batches()] == ["kept"] and h.check() == []
+    assert len(list((data / "images").iterdir())) == 1  # the half-written folder is gone
+    h.close()
+
+
+KILLED = textwrap.dedent("""
+    import sys, numpy as np
+    from PIL import Image
+    from mlx_crepulse import Result
+    from desktop.history import History
+    h = History(sys.argv[1])
+    rng = np.random.default_rng(0)
+    k = 0
+    while True:
+        imgs = [Image.fromarray(rng.integers(0, 255, (256, 256, 3), dtype=np.uint8)) for _ in range(4)]
+        settings = dict(prompt="p", n=4, seed=k, steps=4, width=256, height=256, model="demo")
+        r = Result(imgs, [k + i for i in range(4)], None, np.ones((4, 32), np.float16), settings, 0.1)
+        h.add_batch(r, inputs={"latents": rng.standard_normal((4, 8, 4)).astype(np.float32)})
+        k += 4
+        print(k // 4, flush=True)
+""")
+
+
+def test_killed_while_saving_loses_nothing_earlier(tmp_path):
+    data = tmp_path / "data"
+    for delay in (1.5, 2.3):  # killed at two moments of a save loop
+        p = subprocess.Popen([sys.executable, "-c", KILLED, str(data)], cwd=ROOT, stdout=subprocess.PIPE,
+                             text=True)
+        saved = 0
+        started = time.time()
+        while time.time() - started < 60:
+            line = p.stdout.readline()
+            if line.strip():
+                saved = int(line)
+            if saved >= 2 and time.time() - started > delay:
+                break
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        h = History(data)
+        assert h.check() == []
+        batches = h.batches()
+        assert len(batches) >= saved and all(len(b.images) == 4 for b in batches)
+        assert all(im.path.is_file() for b in batches for im in b.images)
+        assert all(h.inputs(b.id)["latents"].shape == (4, 8, 4) for b in batches)
+        h.remove_orphans(older_than=0)
+        assert h.check() == [] and h.count() == len(batches)
+        folders = {d.name for d in (data / "images").iterdir()}
+        assert folders == {b.folder.name for b in batches}
+        h.close()
+
+
+# --- models and the command line -----------------------------------------------------------------------------
+
+def test_memory_check_and_model_messages(qtbot, make_window, tmp_path):
+    msg = models.memory_problem("schnell", None, ram_gb=16)
+    assert "33 GB" in msg and "16 GB" in msg and "4-bit" in msg
+    assert models.memory_problem("schnell", 4, ram_gb=16) is None
+    assert models.memory_problem("dev", 8, ram_gb=24) is None
+    assert models.memory_problem("demo", None, ram_gb=4) is None
+    assert models.physical_ram_gb() > 0
+    assert controls.diversity_of(0) is None and controls.diversity_of(1) == 0 and controls.diversity_of(10) == 1
+    w = make_window()
+    w.form.set_source(str(tmp_path / "nowhere"))
+    w.update_model_state()
+    assert "unknown model" in w.form.model_note.text() or "not" in w.form.model_note.text()
+    w.form.prompt.setPlainText("a fox")
+    assert w.generate() is False and w.banner.isVisible()
+    # a folder that looks like a pipeline but is not complete: the engine's WeightsError, in the window
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    w.form.set_source(str(broken))
+    with qtbot.waitSignal(w.job_ended, timeout=TIMEOUT) as ended:
+        assert w.generate()
+    assert ended.args == ["failed"] and "not a complete FLUX pipeline" in w.banner.text
+    assert w.form.generate.isEnabled()
+
+
+def test_download_reports_progress_and_errors(qtbot, make_window, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no network here: the child process must say so clearly
+    w = make_window()
+    if models.availability("schnell") is not None:  # not in the Hugging Face cache
+        w.form.set_source("schnell")
+        w.update_model_state()
+        assert "not downloaded" in w.form.model_note.text() and not w.form.download.isHidden()
+    with qtbot.waitSignal(w.downloader.failed, timeout=60_000) as failed:
+        w.download("schnell")
+        assert "Downloading" in w.progress_label.text() and w.cancel_btn.isEnabled()
+    assert "Hugging Face" in failed.args[0] and failed.args[0] in w.banner.text
+    assert not w.downloader.running and not w.cancel_btn.isEnabled()
+
+
+def test_screenshot_flag(tmp_path, model_source):
+    out = tmp_path / "shot.png"
+    env = dict(os.environ, QT_QPA_PLATFORM="offscreen")
+    r = subprocess.run([sys.executable, "-m", "desktop", "--screenshot", str(out), "--prompt", "a red fox",
+                        "--model", model_source, "-n", "2", "--size", "900x600"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    with PILImage.open(out) as im:
+        assert im.size == (900, 600)
