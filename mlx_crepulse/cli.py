@@ -28,9 +28,8 @@ Choices made here:
 - `--diversity D` (0..1; 0.5 by default, 0 = plain seeds) maps onto each method's range:
   contextual: scale = lo * (hi / lo) ** D over the model's recommended range (`Defaults`, FLUX.1:
   1e8 to 5e9), iterations and steps from the model's defaults, all blocks; `--repulsion-*` set each
-  one directly. particle: scale = D * W * H / 4 (the size of FLUX's packed latents, so the push is
-  about the same at any resolution: at D = 0.5 it moves the latents about 0.3 noise standard
-  deviations over a schnell run). cads: noise_scale = 0.5 * D (0.25, the CADS default, at D = 0.5),
+  one directly. particle: scale = D (the engine normalises particle guidance by the latents' size, so the
+  push is the same at any resolution). cads: noise_scale = 0.5 * D (0.25, the CADS default, at D = 0.5),
   seeded per batch. A batch of one image has nothing to push apart: the method is dropped unless it
   was asked for explicitly, which is then an error.
 - A prompt over the T5 limit is an error (diffusers would cut it silently); `--truncate` accepts the

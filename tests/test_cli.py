@@ -441,7 +441,7 @@ def test_methods_rebuild_from_their_dicts():
 
 def test_diversity_knob_and_batches():
     """--diversity maps onto each method's range (contextual: lo*(hi/lo)**D, log scale; particle:
-    D*W*H/4; cads: noise 0.5*D), 0 means plain seeds; --repulsion-blocks parses ranges; a trailing
+    D; cads: noise 0.5*D), 0 means plain seeds; --repulsion-blocks parses ranges; a trailing
     batch of one joins the previous batch when a method needs pairs."""
     from mlx_crepulse.pipeline import Defaults
 
@@ -457,7 +457,7 @@ def test_diversity_knob_and_batches():
     assert build("--diversity", "0") is None and build("--method", "none") is None
     assert build("--repulsion-scale", "5", "--repulsion-blocks", "0,3-5") == Repulsion(
         scale=5.0, iterations=7, steps=2, blocks=[0, 3, 4, 5])
-    assert build("--method", "particle", "--diversity", "0.5") == ParticleGuidance(scale=256.0)
+    assert build("--method", "particle", "--diversity", "0.5") == ParticleGuidance(scale=0.5)
     assert build("--method", "cads", "--diversity", "0.5") == CADS(noise_scale=0.25, seed=5)
     assert build(n=1) is None  # one image: nothing to push apart, plain seeds
     assert cli._batches(5, 2, True) == [(0, 2), (2, 3)]
