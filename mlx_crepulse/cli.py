@@ -55,6 +55,7 @@ from pathlib import Path
 
 from . import metadata, weights
 from .pipeline import __version__
+from .tokenizer import Tokenizer
 
 SUBCOMMANDS = ("generate", "info", "download", "convert")
 METHODS = ("none", "contextual", "particle", "cads")
@@ -437,22 +438,8 @@ def _check_tokens(folder, prompt, negative, max_len, truncate, quiet):
 
 def token_counter(folder: Path):
     """T5 tokens of a text, end token included, as `Pipeline.token_count` counts them, but before any
-    weights are loaded: from tokenizer_2/tokenizer.json with the `tokenizers` library when the folder
-    has it (fast: no transformers import), else through transformers."""
-    path = folder / "tokenizer_2" / "tokenizer.json"
-    if path.exists():
-        from tokenizers import Tokenizer
-
-        tok = Tokenizer.from_file(str(path))
-        tok.no_truncation()
-        tok.no_padding()
-        return lambda text: len(tok.encode(text).ids)
-    from transformers import AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    tok = AutoTokenizer.from_pretrained(str(folder / "tokenizer_2"))
-    return lambda text: len(tok(text, truncation=False).input_ids)
+    weights are loaded."""
+    return Tokenizer(folder / "tokenizer_2").count
 
 
 def _check_writable(folder: Path):

@@ -18,6 +18,7 @@ from . import sampling, weights
 from .models import autoencoder, clip, t5
 from .models.flux import FluxTransformer
 from .repulsion import Blend, Method, signature
+from .tokenizer import Tokenizer
 
 __version__ = "0.1.0"
 
@@ -155,6 +156,10 @@ class Pipeline:
             weights.save_component(model, model.config, folder / name, unsanitize, quant)
         weights.copy_files(src, folder, ["model_index.json", "tokenizer", "tokenizer_2", "scheduler"] +
                            (["crepulse.json"] if (src / "crepulse.json").exists() else []))
+        for name in ("tokenizer", "tokenizer_2"):  # a tokenizer.json makes later loads skip transformers
+            if not (folder / name / "tokenizer.json").exists():
+                from transformers import AutoTokenizer
+                AutoTokenizer.from_pretrained(str(folder / name)).save_pretrained(str(folder / name))
 
     # --- properties users need -----------------------------------------------------------------------
 
@@ -183,7 +188,7 @@ class Pipeline:
 
     def token_count(self, prompt: str) -> int:
         """T5 tokens in a prompt (without truncation), to warn when it exceeds max_sequence_length."""
-        return len(self.tokenizer_2(prompt, truncation=False).input_ids)
+        return self.tokenizer_2.count(prompt)
 
     # --- the work --------------------------------------------------------------------------------------
 
@@ -193,10 +198,8 @@ class Pipeline:
         if key not in self._prompt_cache:
             if self.text_encoder is None:
                 self.text_encoder, self.text_encoder_2 = self._reload_encoders()
-            clip_ids = self.tokenizer(prompt, padding="max_length", max_length=self.tokenizer.model_max_length,
-                                      truncation=True, return_tensors="np").input_ids
-            t5_ids = self.tokenizer_2(prompt, padding="max_length", max_length=max_sequence_length,
-                                      truncation=True, return_tensors="np").input_ids
+            clip_ids = self.tokenizer.ids(prompt, self.tokenizer.model_max_length)
+            t5_ids = self.tokenizer_2.ids(prompt, max_sequence_length)
             txt = self.text_encoder_2(mx.array(t5_ids)).astype(self.dtype)
             pooled = self.text_encoder(mx.array(clip_ids))[1].astype(self.dtype)
             mx.eval(txt, pooled)
@@ -348,11 +351,9 @@ class Pipeline:
             raise ValueError(f"strength must be in (0, 1], not {strength}")
 
 
-def _tokenizer(folder: Path):
-    from transformers import AutoTokenizer
-
+def _tokenizer(folder: Path) -> Tokenizer:
     try:
-        return AutoTokenizer.from_pretrained(str(folder))
+        return Tokenizer(folder)
     except Exception as e:  # transformers raises OSError, ValueError, TypeError... for missing files
         cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise weights.WeightsError(f"cannot load the tokenizer in {folder}: its files are missing or unreadable; "
