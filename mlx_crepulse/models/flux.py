@@ -88,6 +88,33 @@ class AdaNorm(nn.Module):
         return mx.split(self.linear(nn.silu(vec))[:, None, :], self.n, axis=-1)
 
 
+# Eigen's rational approximation of tanh (as XLA uses on CPUs), within 5e-7 of tanh in float32.
+_TANH_P = (-2.76076847742355e-16, 2.00018790482477e-13, -8.60467152213735e-11, 5.12229709037114e-08,
+           1.48572235717979e-05, 6.37261928875436e-04, 4.89352455891786e-03)
+_TANH_Q = (1.19825839466702e-06, 1.18534705686654e-04, 2.26843463243900e-03, 4.89352518554385e-03)
+
+
+@mx.compile
+def _gelu_tanh_rational(x):
+    y = mx.clip(math.sqrt(2 / math.pi) * (x + 0.044715 * x * x * x), -7.90531110763549805, 7.90531110763549805)
+    y2 = y * y
+    p, q = _TANH_P[0], _TANH_Q[0]
+    for c in _TANH_P[1:]:
+        p = p * y2 + c
+    for c in _TANH_Q[1:]:
+        q = q * y2 + c
+    return 0.5 * x * (1 + y * p / q)
+
+
+def gelu_tanh(x):
+    """diffusers' GELU(approximate="tanh"). MLX's CPU build computes tanh some 50x slower than a
+    multiply, so on the CPU a compiled rational approximation (within 1.5e-6) takes a third of the
+    time; on the GPU tanh is cheap and MLX's own fused GELU is used."""
+    if mx.default_device() == mx.cpu:
+        return _gelu_tanh_rational(x)
+    return nn.gelu_approx(x)
+
+
 def layer_norm(x):
     return mx.fast.layer_norm(x, None, None, 1e-6)
 
@@ -110,7 +137,7 @@ class FeedForward(nn.Module):
         self.net = [GELUProj(dim, hidden), nn.Identity(), nn.Linear(hidden, dim)]
 
     def __call__(self, x):
-        return self.net[2](nn.gelu_approx(self.net[0].proj(x)))
+        return self.net[2](gelu_tanh(self.net[0].proj(x)))
 
 
 class Attention(nn.Module):
@@ -188,7 +215,7 @@ class SingleStreamBlock(nn.Module):
     def __call__(self, x, vec, pe):
         shift, scale, gate = self.norm(vec)
         h = modulate(x, shift, scale)
-        mlp = nn.gelu_approx(self.proj_mlp(h))
+        mlp = gelu_tanh(self.proj_mlp(h))
         return x + gate * self.proj_out(mx.concatenate([self.attn(h, pe), mlp], axis=-1))
 
 
