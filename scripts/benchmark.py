@@ -170,6 +170,26 @@ def weight_bytes():
     return out
 
 
+def step_cost(txt_tokens: int = 256, side: int = 1024) -> tuple:
+    """FLOPs and weight bytes (bf16) of one transformer step of full FLUX.1 for one image, counted from
+    the model's own layer shapes: every Linear on the token path plus attention (QK^T and AV)."""
+    model = FluxTransformer(FULL)
+    img = (side // 16) ** 2
+    flops = 0
+    for block in model.transformer_blocks:
+        for name, layer in tree_flatten(block.leaf_modules(), is_leaf=lambda m: isinstance(m, nn.Linear)):
+            if "norm" not in name:
+                text = "add_" in name or "context" in name
+                flops += 2 * (txt_tokens if text else img) * layer.weight.size
+    for block in model.single_transformer_blocks:
+        for name, layer in tree_flatten(block.leaf_modules(), is_leaf=lambda m: isinstance(m, nn.Linear)):
+            if "norm" not in name:
+                flops += 2 * (txt_tokens + img) * layer.weight.size
+    seq = img + txt_tokens
+    flops += (len(model.transformer_blocks) + len(model.single_transformer_blocks)) * 4 * seq * seq * 3072
+    return flops, 2 * sum(v.size for _, v in tree_flatten(model.parameters()))
+
+
 def activation_peak(batch: int = 1):
     """Peak memory of a forward at full width and 1024x1024 (4096 image tokens + 512 text tokens) with one
     block of each kind, minus its weights: the activation peak, which does not grow with depth (blocks
@@ -190,6 +210,25 @@ def activation_peak(batch: int = 1):
     # The CPU's attention materialises the (heads, S, S) scores; Metal's fused attention does not.
     scores = batch * 24 * (4096 + TXT_TOKENS) ** 2 * 4
     return peak, scores
+
+
+FLUX_VAE = dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=[128, 256, 512, 512],
+                layers_per_block=2, norm_num_groups=32, scaling_factor=0.3611, shift_factor=0.1159,
+                use_quant_conv=False, use_post_quant_conv=False,
+                down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4)
+
+
+def vae_decode_peak(side: int = 512) -> float:
+    """Peak bytes above the weights of FLUX.1's VAE decoding one image at `side` px, float32 on the CPU."""
+    from mlx_crepulse.models.autoencoder import AutoencoderKL
+    vae = AutoencoderKL(FLUX_VAE)
+    mx.eval(vae.parameters())
+    z = mx.random.normal((1, side // 8, side // 8, 16))
+    mx.eval(z)
+    mx.reset_peak_memory()
+    base = mx.get_active_memory()
+    mx.eval(vae.decode(z))
+    return mx.get_peak_memory() - base
 
 
 def main():
@@ -232,13 +271,32 @@ def main():
         act_bf16 = (peak - scores) / 2 * BATCH
         print(f"Activation peak at 1024x1024, batch 1, float32, CPU: {peak / 2**30:.2f} GiB "
               f"(of which {scores / 2**30:.2f} GiB attention scores that Metal's fused attention never holds)")
-        t5_free, clip_bf16, vae_peak = 0, 0.25 * 2**30, 1.5 * 2**30
+        clip_bf16 = 123_060_480 * 2  # CLIP-L's text model in bf16; T5 is freed in the low-memory mode
+        vae512 = vae_decode_peak(512)
+        # 4x the pixels at 1024; the mid-block attention's (16384^2) scores grow 16x but are the only
+        # S^2 term; then bf16 halves everything
+        attn512, attn1024 = (512 // 8) ** 4 * 4, (1024 // 8) ** 4 * 4
+        vae_peak = (4 * (vae512 - attn512) + attn1024) / 2
         total = w["4bit"] + act_bf16 + clip_bf16 + vae_peak
+        print(f"VAE decode of one image: {vae512 / 2**30:.2f} GiB at 512x512 float32 (measured) -> "
+              f"{vae_peak / 2**30:.2f} GiB at 1024x1024 bf16")
         print(f"FLUX.1-schnell, 4 bits, batch of 4, 1024x1024, low-memory mode (T5 freed after encoding): "
               f"{w['4bit'] / 2**30:.2f} GiB weights + {act_bf16 / 2**30:.2f} GiB activations (bf16, x4 batch) "
-              f"+ CLIP {clip_bf16 / 2**30:.2f} GiB + VAE decode of one image <= {vae_peak / 2**30:.1f} GiB "
-              f"= {total / 2**30:.2f} GiB peak")
+              f"+ CLIP {clip_bf16 / 2**30:.2f} GiB + VAE decode of one image {vae_peak / 2**30:.2f} GiB "
+              f"= {total / 2**30:.2f} GiB peak (the transformer's activations are freed before decoding, "
+              f"so this sum is an upper bound)")
         results.update(weights=w, activation_peak_cpu=peak, schnell_4bit_peak=total)
+    flops, wbytes = step_cost()
+    mflux_m4max = 7.5  # s per step, FLUX.1-schnell bf16 1024x1024, mflux's published figure on an M4 Max
+    achieved = flops / mflux_m4max
+    ratio = ours_plain / mflux
+    print(f"\nThe Mac on paper: one schnell step at 1024x1024 is {flops / 1e12:.1f} TFLOP and reads "
+          f"{wbytes / 2**30:.1f} GiB of bf16 weights per image. mflux's 7.5 s/step on an M4 Max is "
+          f"{achieved / 1e12:.1f} TFLOP/s achieved (compute-bound: the weights stream in "
+          f"{wbytes / 546e9:.2f} s at 546 GB/s). At our measured per-image ratio to mflux ({ratio:.2f}), "
+          f"a batch of 4 would take about {4 * mflux_m4max * ratio:.0f} s per step there "
+          f"({mflux_m4max * ratio:.1f} s per image).")
+    results.update(step_tflop=flops / 1e12)
     print("\n" + json.dumps({k: v for k, v in results.items() if not isinstance(v, dict)}, indent=None))
 
 
