@@ -95,6 +95,7 @@ class Pipeline:
         self.scheduler_config, self.defaults = scheduler_config, defaults
         self.source, self.quantize = source, quantize
         self.vae_scale = 2 ** (len(vae.config["block_out_channels"]) - 1)
+        self.dtype = _dtype_of(transformer)  # compute dtype: the weights' (quantized: the scales')
         self._reload_encoders = reload_encoders  # set in low-memory mode: encoders are freed after use
         self._prompt_cache = {}
 
@@ -162,13 +163,6 @@ class Pipeline:
                 AutoTokenizer.from_pretrained(str(folder / name)).save_pretrained(str(folder / name))
 
     # --- properties users need -----------------------------------------------------------------------
-
-    @property
-    def dtype(self):
-        for _, v in _leaves(self.transformer.x_embedder.parameters()):
-            if mx.issubdtype(v.dtype, mx.floating):
-                return v.dtype
-        return mx.float32
 
     @property
     def has_guidance_embedding(self) -> bool:
@@ -381,13 +375,9 @@ def _chain(hooks):
     return chained
 
 
-def _leaves(params):
-    from mlx.utils import tree_flatten
-    return tree_flatten(params)
-
-
 def _dtype_of(model):
-    for _, v in _leaves(model.parameters()):
+    from mlx.utils import tree_flatten
+    for _, v in tree_flatten(model.parameters()):
         if mx.issubdtype(v.dtype, mx.floating):
             return v.dtype
     return mx.float32
