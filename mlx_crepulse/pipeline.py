@@ -23,6 +23,9 @@ from .tokenizer import Tokenizer
 __version__ = "0.1.0"
 
 
+VAE_TILE = 32  # latent pixels (256 image pixels for FLUX) per tile in the low-memory mode's decode
+
+
 class Cancelled(Exception):
     """Raised by `generate` when its callback asked to stop; nothing half-done is returned."""
 
@@ -97,6 +100,7 @@ class Pipeline:
         self.vae_scale = 2 ** (len(vae.config["block_out_channels"]) - 1)
         self.dtype = _dtype_of(transformer)  # compute dtype: the weights' (quantized: the scales')
         self._reload_encoders = reload_encoders  # set in low-memory mode: encoders are freed after use
+        self.low_memory = reload_encoders is not None
         self._prompt_cache = {}
 
     # --- loading ---------------------------------------------------------------------------------------
@@ -211,7 +215,9 @@ class Pipeline:
         for i in range(tokens.shape[0]):
             z = sampling.unpack(tokens[i:i + 1], rows, cols)
             z = z / vae.scaling_factor + vae.shift_factor
-            img = vae.decode(z.astype(_dtype_of(vae)))
+            z = z.astype(_dtype_of(vae))
+            # the low-memory mode decodes in tiles, so the VAE's peak is one tile's, not the image's
+            img = vae.decode_tiled(z, VAE_TILE) if self.low_memory and max(z.shape[1:3]) > VAE_TILE else vae.decode(z)
             out.append(np.array(mx.clip(img.astype(mx.float32) / 2 + 0.5, 0, 1)))
         return np.concatenate(out, axis=0)
 

@@ -192,6 +192,42 @@ class AutoencoderKL(nn.Module):
             z = self.post_quant_conv(z)
         return self.decoder(z)
 
+    def decode_tiled(self, z: mx.array, tile: int = 32, overlap: float = 0.25) -> mx.array:
+        """`decode` in overlapping tiles of `tile` latent pixels, blended linearly where they overlap, as
+        diffusers' `AutoencoderKL.tiled_decode`: memory stays that of one tile whatever the image size
+        (the low-memory mode's decode; seams are blended, the mid-block attention sees one tile)."""
+        scale = 2 ** (len(self.config["block_out_channels"]) - 1)
+        stride, extent = int(tile * (1 - overlap)), int(tile * scale * overlap)
+        keep = tile * scale - extent
+        rows = []
+        for i in range(0, z.shape[1], stride):
+            row = []
+            for j in range(0, z.shape[2], stride):
+                t = self.decode(z[:, i:i + tile, j:j + tile])
+                if rows:  # blend the tile above into this one's top edge
+                    t = _blend(rows[-1][len(row)], t, extent, axis=1)
+                if row:  # and the tile on the left into its left edge
+                    t = _blend(row[-1], t, extent, axis=2)
+                mx.eval(t)
+                row.append(t)
+            rows.append(row)
+        return mx.concatenate([mx.concatenate([t[:, :keep, :keep] for t in r], axis=2) for r in rows], axis=1)
+
+
+def _blend(a: mx.array, b: mx.array, extent: int, axis: int) -> mx.array:
+    """b with its first `extent` rows (axis 1) or columns (axis 2) faded in from a's last ones."""
+    n = min(a.shape[axis], b.shape[axis], extent)
+    if n == 0:
+        return b
+    w = (mx.arange(n, dtype=mx.float32) / n).reshape([-1 if d == axis else 1 for d in range(4)]).astype(b.dtype)
+    head = [slice(None)] * 4
+    tail = list(head)
+    head[axis], tail[axis] = slice(0, n), slice(a.shape[axis] - n, a.shape[axis])
+    mixed = a[tuple(tail)] * (1 - w) + b[tuple(head)] * w
+    rest = [slice(None)] * 4
+    rest[axis] = slice(n, None)
+    return mx.concatenate([mixed, b[tuple(rest)]], axis=axis)
+
 
 def sanitize(weights: dict) -> dict:
     """diffusers safetensors -> this model: conv kernels OIHW -> OHWI."""
