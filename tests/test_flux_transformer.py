@@ -75,3 +75,16 @@ def test_gelu_tanh_matches_torch():
     torch.nn.functional.gelu(xt, approximate="tanh").sum().backward()
     got = np.array(mx.grad(lambda v: _gelu_tanh_rational(v).sum())(mx.array(x)))
     assert np.abs(got - xt.grad.numpy()).max() < 1e-4
+
+
+def test_cpu_attention_matches_torch():
+    """The CPU's written-out softmax attention (cheap exp) equals torch's scaled_dot_product_attention
+    within 1e-5, including rows whose scores span a wide range."""
+    from mlx_crepulse.models.flux import attention
+
+    rng = np.random.default_rng(1)
+    q, k, v = (rng.standard_normal((2, 3, 50, 16)).astype(np.float32) * s for s in (4.0, 4.0, 1.0))
+    want = torch.nn.functional.scaled_dot_product_attention(*(torch.from_numpy(a) for a in (q, k, v)),
+                                                            scale=0.25).numpy()
+    got = np.array(attention(mx.array(q), mx.array(k), mx.array(v), 0.25))
+    assert np.abs(got - want).max() < 1e-5
