@@ -34,6 +34,7 @@ import shutil
 import sys
 import time
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -65,7 +66,7 @@ CONFIG = {
     "transformer": dict(patch_size=1, in_channels=PACKED, num_layers=2, num_single_layers=2, attention_head_dim=32,
                         num_attention_heads=4, joint_attention_dim=64, pooled_projection_dim=64,
                         guidance_embeds=False, axes_dims_rope=(8, 12, 12)),
-    "vae": dict(in_channels=3, out_channels=3, latent_channels=LATENT_CHANNELS, block_out_channels=(16, 32),
+    "vae": dict(in_channels=3, out_channels=3, latent_channels=LATENT_CHANNELS, block_out_channels=(16, 16),
                 layers_per_block=1, norm_num_groups=8, mid_block_add_attention=False,
                 down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                 use_quant_conv=False, use_post_quant_conv=False, sample_size=SIZE),
@@ -266,7 +267,7 @@ def restore_optimizer(opt, model, arrays):
 # 2. VAE
 # ------------------------------------------------------------------------------------------------
 
-def train_vae(vae, images: np.ndarray, steps: int, seed: int, work: Path, logfile: Path, batch: int = 32,
+def train_vae(vae, images: np.ndarray, steps: int, seed: int, work: Path, logfile: Path, batch: int = 16,
               lr: float = 2e-3, kl_weight: float = 1e-4):
     ckpt = work / "vae_ckpt.safetensors"
     x_all = to_unit(images)
@@ -362,10 +363,33 @@ def encode_prompts(folder: Path, texts: list):
     return txt, pooled
 
 
+def adaln_zero(tf):
+    """DiT's adaLN-Zero initialisation: every modulation (shift, scale, gate) and the output projection
+    start at zero, so each block starts as the identity and the model as v = 0. Same architecture,
+    same parameter names; only the starting point differs from diffusers' default init."""
+    zero = []
+    for name, module in tf.named_modules():
+        if name.endswith(("norm1.linear", "norm1_context.linear", "norm.linear", "norm_out.linear")) or name == "proj_out":
+            zero += [(f"{name}.weight", mx.zeros_like(module.weight)), (f"{name}.bias", mx.zeros_like(module.bias))]
+    tf.load_weights(zero, strict=False)
+    return len(zero) // 2
+
+
+def sample_timesteps(rng, batch: int, kind: str) -> np.ndarray:
+    """Training timesteps: "uniform" (stratified on [0, 1]), or "mixed": half uniform, half logit-normal
+    (SD3's, concentrated on the middle where shapes form) so the ends stay trained."""
+    u = (rng.permutation(batch) + rng.random(batch)) / batch
+    if kind == "mixed":
+        ln = 1 / (1 + np.exp(-rng.standard_normal(batch)))
+        u = np.where(np.arange(batch) % 2 == 0, u, ln)
+    return u.astype(np.float32)
+
+
 def train_transformer(tf, packed_mean: np.ndarray, packed_std: np.ndarray, combo_prompt: np.ndarray,
                       index: dict, txt_all: mx.array, pooled_all: mx.array, steps: int, seed: int, work: Path,
                       logfile: Path, batch: int = 64, lr: float = 1e-3, p_uncond: float = 0.15,
-                      ema_decay: float = 0.995, on_checkpoint=None, checkpoint_every: int = 100):
+                      ema_decay: float = 0.995, init: str = "zero", timesteps: str = "uniform",
+                      on_checkpoint=None, checkpoint_every: int = 100, eval_every: int = 500):
     ckpt = work / "transformer_ckpt.safetensors"
     uncond = txt_all.shape[0] - 1  # the last prompt is ""
     pe = tf.pos_embed(mx.zeros((SEQ, 3)), sampling.image_ids(ROWS, COLS))
@@ -379,8 +403,11 @@ def train_transformer(tf, packed_mean: np.ndarray, packed_std: np.ndarray, combo
         start, losses, evals = meta["step"], meta["losses"], meta.get("evals", [])
         log(f"transformer: resumed at step {start}", logfile)
     else:
+        if init == "zero":
+            log(f"transformer: adaLN-Zero init ({adaln_zero(tf)} layers zeroed)", logfile)
         opt.init(tf.trainable_parameters())
         ema = {k: mx.array(v) for k, v in tree_flatten(tf.parameters())}
+    mx.eval(tf.parameters(), opt.state)
     if start >= steps:
         return losses, ema, evals
 
@@ -391,6 +418,15 @@ def train_transformer(tf, packed_mean: np.ndarray, packed_std: np.ndarray, combo
         return ((v - (noise - x0)) ** 2).mean()
 
     grad_fn = nn.value_and_grad(tf, loss_fn)
+    state = [tf.state, opt.state]
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def train_step(x0, txt, pooled, t, noise):
+        loss, grads = grad_fn(tf, x0, txt, pooled, t, noise)
+        grads, _ = optim.clip_grad_norm(grads, 1.0)
+        opt.update(tf, grads)
+        return loss
+
     t0, window = time.time(), []
     with fast_activations():
         for step in range(start, steps):
@@ -400,16 +436,14 @@ def train_transformer(tf, packed_mean: np.ndarray, packed_std: np.ndarray, combo
             pi = np.where(rng.random(batch) < p_uncond, uncond, combo_prompt[ci])
             eps = rng.standard_normal((batch, ROWS * COLS, PACKED), dtype=np.float32)
             x0 = mx.array(packed_mean[ci] + packed_std[ci] * eps)
-            t = mx.array(((rng.permutation(batch) + rng.random(batch)) / batch).astype(np.float32))  # stratified
+            t = mx.array(sample_timesteps(rng, batch, timesteps))
             noise = mx.array(rng.standard_normal((batch, ROWS * COLS, PACKED), dtype=np.float32))
             idx = mx.array(pi)
-            loss, grads = grad_fn(tf, x0, txt_all[idx], pooled_all[idx], t, noise)
-            grads, _ = optim.clip_grad_norm(grads, 1.0)
-            opt.update(tf, grads)
+            loss = train_step(x0, txt_all[idx], pooled_all[idx], t, noise)
             d = min(ema_decay, (1 + step) / (10 + step))
             params = dict(tree_flatten(tf.parameters()))
             ema = {k: d * ema[k] + (1 - d) * params[k] for k in ema}
-            mx.eval(tf.parameters(), opt.state, loss, ema)
+            mx.eval(state, loss, ema)
             losses.append(float(loss))
             window.append(float(loss))
             if (step + 1) % 25 == 0 or step + 1 == steps:
@@ -418,9 +452,8 @@ def train_transformer(tf, packed_mean: np.ndarray, packed_std: np.ndarray, combo
                     f"{(steps - step - 1) / max(rate, 1e-9) / 60:.1f} min left)", logfile)
                 window = []
             if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
-                if on_checkpoint is not None and ((step + 1) % (5 * checkpoint_every) == 0 or step + 1 == steps):
-                    with_gelu_restored = on_checkpoint(step + 1, ema)
-                    evals.append({"step": step + 1, **with_gelu_restored})
+                if on_checkpoint is not None and eval_every and ((step + 1) % eval_every == 0 or step + 1 == steps):
+                    evals.append({"step": step + 1, **on_checkpoint(step + 1, ema)})
                 arrays = {f"model.{k}": v for k, v in tree_flatten(tf.parameters())}
                 arrays.update({f"opt.{k}": v for k, v in tree_flatten(opt.state)})
                 arrays.update({f"ema.{k}": v for k, v in ema.items()})
@@ -490,10 +523,13 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", type=Path, default=ROOT / "build" / "demo_train", help="work folder (checkpoints)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--vae-steps", type=int, default=1200)
-    p.add_argument("--steps", type=int, default=2000, help="transformer steps")
+    p.add_argument("--vae-steps", type=int, default=2000)
+    p.add_argument("--steps", type=int, default=1500, help="transformer steps")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--init", choices=("zero", "diffusers"), default="zero",
+                   help="transformer init: adaLN-Zero (default) or diffusers' own")
+    p.add_argument("--timesteps", choices=("uniform", "mixed"), default="uniform")
     p.add_argument("--eval-every", type=int, default=500, help="quick fidelity check every N steps (0: never)")
     p.add_argument("--vae-only", action="store_true", help="stop after the VAE (to look at its reconstructions)")
     p.add_argument("--install", action="store_true", help="copy the result into mlx_crepulse/demo_model/")
@@ -504,18 +540,21 @@ def main(argv=None):
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     logfile = work / "train.log"
-    folder = work / "pipeline"
+    skeleton = work / "skeleton"  # diffusers' random init, never modified
+    folder = work / "pipeline"  # the skeleton with the trained weights written into it
     started = time.time()
     log(f"train_demo: seed {args.seed}, work {work}, mlx {mx.__version__}", logfile)
 
-    if not (folder / "model_index.json").exists():
-        build_skeleton(folder, args.seed)
+    if not (skeleton / "model_index.json").exists():
+        build_skeleton(skeleton, args.seed)
         log("skeleton written by diffusers", logfile)
+    if not (folder / "model_index.json").exists():
+        shutil.copytree(skeleton, folder)
     mx.random.seed(args.seed)
     combos, index, images = grammar()
 
     # --- VAE ---
-    vae = load_component(folder, "vae")
+    vae = load_component(skeleton, "vae")
     t = time.time()
     vae_losses = train_vae(vae, images, args.vae_steps, args.seed, work, logfile)
     log(f"vae trained ({time.time() - t:.0f} s this run), final loss {np.mean(vae_losses[-50:]):.5f}", logfile)
@@ -534,16 +573,14 @@ def main(argv=None):
 
     # --- transformer ---
     prompts = shapes.prompts()
-    txt_all, pooled_all = encode_prompts(folder, prompts + [""])
+    txt_all, pooled_all = encode_prompts(skeleton, prompts + [""])
     prompt_index = {p: i for i, p in enumerate(prompts)}
     combo_prompt = np.array([prompt_index[shapes.caption(a["colour"], a["shape"])] for a in combos])
     packed_mean = np.array(sampling.pack((mx.array(mean) - shift) * scale))
     packed_std = np.array(sampling.pack(mx.array(std) * scale))
-    tf = load_component(folder, "transformer")
+    tf = load_component(skeleton, "transformer")
 
     def on_checkpoint(step, ema):
-        if not args.eval_every or step % args.eval_every and step != args.steps:
-            return {}
         from scripts import eval_demo
         live = dict(tree_flatten(tf.parameters()))
         tf.load_weights(list(ema.items()))
@@ -557,7 +594,8 @@ def main(argv=None):
     t = time.time()
     tf_losses, ema, evals = train_transformer(tf, packed_mean, packed_std, combo_prompt, index, txt_all, pooled_all,
                                               args.steps, args.seed, work, logfile, batch=args.batch, lr=args.lr,
-                                              on_checkpoint=on_checkpoint)
+                                              init=args.init, timesteps=args.timesteps, on_checkpoint=on_checkpoint,
+                                              eval_every=args.eval_every)
     log(f"transformer trained ({time.time() - t:.0f} s this run), final loss {np.mean(tf_losses[-100:]):.5f}",
         logfile)
     tf.load_weights(list(ema.items()))

@@ -1,0 +1,314 @@
+"""The generation form: prompt, model and precision, batch size, the diversity control, and an
+"advanced" fold with steps, size, seed and low-memory mode. Its values are remembered (QSettings)."""
+
+from pathlib import Path
+from typing import Optional
+
+from PySide6.QtCore import QEvent, Qt, Signal
+from PySide6.QtGui import QKeySequence
+from PySide6.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel,
+                               QPlainTextEdit, QPushButton, QSizePolicy, QSlider, QSpinBox, QToolButton,
+                               QVBoxLayout, QWidget)
+
+from . import models
+
+DIVERSITY_TICKS = 10  # slider 0 = off, 1..10 = subtle .. wild
+
+
+def diversity_of(tick: int) -> Optional[float]:
+    """Slider position -> the 0..1 diversity on the model's recommended range; None when off."""
+    return None if tick <= 0 else round((tick - 1) / (DIVERSITY_TICKS - 1), 4)
+
+
+def tick_of(diversity: Optional[float]) -> int:
+    return 0 if diversity is None else 1 + round(float(diversity) * (DIVERSITY_TICKS - 1))
+
+
+def diversity_words(tick: int) -> str:
+    if tick <= 0:
+        return "off \u2014 plain seeds"
+    return ["subtle", "subtle", "gentle", "moderate", "moderate", "strong", "strong", "bold", "wild", "wild"][tick - 1]
+
+
+class Form(QWidget):
+    generate_requested = Signal()
+    model_changed = Signal()
+    download_requested = Signal(str)  # source
+
+    def __init__(self, settings, parent=None):
+        super().__init__(parent)
+        self.settings = settings
+        self.prompt = QPlainTextEdit()
+        keys = QKeySequence("Ctrl+Return").toString(QKeySequence.SequenceFormat.NativeText)
+        self.prompt.setPlaceholderText(f"Describe an image \u2014 {keys} to generate")
+        self.prompt.setTabChangesFocus(True)
+        self.prompt.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Preferred)
+        self.prompt.setFixedHeight(96)
+        self.prompt.installEventFilter(self)  # Ctrl+Enter in the prompt box generates, not a new line
+
+        self.model = QComboBox()
+        for source, text in models.CHOICES:
+            self.model.addItem(text, source)
+        self.model.addItem("Choose a folder\u2026", "__folder__")
+        self.precision = QComboBox()
+        for bits, text in models.PRECISIONS:
+            self.precision.addItem(text, bits)
+        self.model_note = QLabel()
+        self.model_note.setWordWrap(True)
+        self.model_note.setObjectName("modelNote")
+        self.download = QPushButton("Download")
+        self.download.setVisible(False)
+        self.download.clicked.connect(lambda: self.download_requested.emit(self.source()))
+
+        self.n = QSpinBox()
+        self.n.setRange(1, 16)
+        self.n.setValue(4)
+        self.n.setSuffix(" images")
+
+        self.diversity = QSlider(Qt.Orientation.Horizontal)
+        self.diversity.setRange(0, DIVERSITY_TICKS)
+        self.diversity.setPageStep(1)
+        self.diversity.setTickPosition(QSlider.TickPosition.TicksBelow)
+        self.diversity.setValue(5)
+        self.diversity_label = QLabel()
+        self.diversity.valueChanged.connect(self._diversity_changed)
+        ends = QHBoxLayout()
+        for text, align in (("off", Qt.AlignmentFlag.AlignLeft), ("subtle", Qt.AlignmentFlag.AlignCenter),
+                            ("wild", Qt.AlignmentFlag.AlignRight)):
+            lab = QLabel(text)
+            lab.setObjectName("hint")
+            lab.setAlignment(align)
+            ends.addWidget(lab, 1)
+
+        # the advanced fold
+        self.advanced_button = QToolButton()
+        self.advanced_button.setText("Advanced")
+        self.advanced_button.setCheckable(True)
+        self.advanced_button.setToolButtonStyle(Qt.ToolButtonStyle.ToolButtonTextBesideIcon)
+        self.advanced_button.setArrowType(Qt.ArrowType.RightArrow)
+        self.advanced_button.setStyleSheet("QToolButton { border: none; font-weight: 600; }")
+        self.advanced = QWidget()
+        self.steps = QSpinBox()
+        self.steps.setRange(0, 100)
+        self.steps.setSpecialValueText("model default")
+        self.width_ = QSpinBox()
+        self.height_ = QSpinBox()
+        for s in (self.width_, self.height_):
+            s.setRange(0, 2048)
+            s.setSingleStep(16)
+            s.setSpecialValueText("default")
+        self.seed = QSpinBox()
+        self.seed.setRange(-1, 2**31 - 100)
+        self.seed.setSpecialValueText("random")
+        self.seed.setValue(-1)
+        self.low_memory = QCheckBox("Low memory mode")
+        self.low_memory.setToolTip("Free the text encoders after each new prompt (slower, needs less memory)")
+        adv = QFormLayout(self.advanced)
+        adv.setContentsMargins(12, 0, 0, 0)
+        adv.addRow("Steps", self.steps)
+        size = QHBoxLayout()
+        times = QLabel("\u00d7")
+        times.setSizePolicy(QSizePolicy.Policy.Fixed, QSizePolicy.Policy.Fixed)
+        for spin in (self.width_, self.height_):
+            spin.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
+        size.addWidget(self.width_, 1)
+        size.addWidget(times)
+        size.addWidget(self.height_, 1)
+        adv.addRow("Size", size)
+        seed_row = QHBoxLayout()
+        seed_row.addWidget(self.seed, 1)
+        dice = QToolButton()
+        dice.setText("Random")
+        dice.setToolTip("A new random seed for every batch")
+        dice.clicked.connect(lambda: self.seed.setValue(-1))
+        seed_row.addWidget(dice)
+        adv.addRow("Seed", seed_row)
+        adv.addRow(self.low_memory)
+        self.advanced.setVisible(False)
+        self.advanced_button.toggled.connect(self._fold)
+
+        self.generate = QPushButton("Generate")
+        self.generate.setDefault(True)
+        self.generate.setToolTip(f"Generate a batch ({keys})")
+        self.generate.setMinimumHeight(36)
+        self.generate.setObjectName("primary")
+        self.generate.clicked.connect(self.generate_requested)
+
+        lay = QVBoxLayout(self)
+        lay.setContentsMargins(14, 14, 14, 14)
+        lay.setSpacing(6)
+        lay.addWidget(self._title("Prompt"))
+        lay.addWidget(self.prompt)
+        lay.addSpacing(6)
+        lay.addWidget(self._title("Model"))
+        mrow = QHBoxLayout()
+        mrow.addWidget(self.model, 3)
+        mrow.addWidget(self.precision, 2)
+        lay.addLayout(mrow)
+        lay.addWidget(self.model_note)
+        lay.addWidget(self.download)
+        lay.addSpacing(6)
+        lay.addWidget(self._title("Batch"))
+        lay.addWidget(self.n)
+        lay.addSpacing(6)
+        drow = QHBoxLayout()
+        drow.addWidget(self._title("Diversity"))
+        drow.addStretch(1)
+        drow.addWidget(self.diversity_label)
+        lay.addLayout(drow)
+        lay.addWidget(self.diversity)
+        lay.addLayout(ends)
+        lay.addSpacing(6)
+        lay.addWidget(self.advanced_button)
+        lay.addWidget(self.advanced)
+        lay.addStretch(1)
+        lay.addWidget(self.generate)
+
+        self.model.currentIndexChanged.connect(self._model_index_changed)
+        self.precision.currentIndexChanged.connect(lambda _: self.model_changed.emit())
+        self._last_model_index = 0
+        self._diversity_changed(self.diversity.value())
+
+    def eventFilter(self, obj, event):
+        if obj is self.prompt and event.type() in (QEvent.Type.KeyPress, QEvent.Type.ShortcutOverride):
+            if event.key() in (Qt.Key.Key_Return, Qt.Key.Key_Enter) and \
+                    event.modifiers() & Qt.KeyboardModifier.ControlModifier:
+                if event.type() == QEvent.Type.KeyPress:
+                    self.generate_requested.emit()
+                event.accept()
+                return True
+        return super().eventFilter(obj, event)
+
+    @staticmethod
+    def _title(text):
+        lab = QLabel(text)
+        lab.setObjectName("section")
+        return lab
+
+    # --- values -------------------------------------------------------------------------------------
+
+    def source(self) -> str:
+        return self.model.currentData()
+
+    def quantize(self) -> Optional[int]:
+        return self.precision.currentData() if self.source() != models.DEMO else None
+
+    def diversity_value(self) -> Optional[float]:
+        return diversity_of(self.diversity.value())
+
+    def set_source(self, source: str):
+        """Select a model; a folder not in the list yet is added to it."""
+        i = self.model.findData(source)
+        if i < 0:
+            i = self.model.count() - 1
+            self.model.insertItem(i, models.label(source), source)
+            self.model.setItemData(i, source, Qt.ItemDataRole.ToolTipRole)
+        self.model.setCurrentIndex(i)
+
+    def job_fields(self) -> dict:
+        """The form's values as Job fields (None: the model's default)."""
+        return dict(source=self.source(), quantize=self.quantize(), prompt=self.prompt.toPlainText().strip(),
+                    n=self.n.value(), steps=self.steps.value() or None, width=self.width_.value() or None,
+                    height=self.height_.value() or None, diversity=self.diversity_value(),
+                    seed=self.seed.value() if self.seed.value() >= 0 else None,
+                    low_memory=self.low_memory.isChecked())
+
+    def load_recipe(self, recipe: dict):
+        """Put a stored batch's settings into the form (prompt, model, size, steps, seed, diversity)."""
+        self.prompt.setPlainText(recipe.get("prompt", ""))
+        if recipe.get("model"):
+            self.set_source(recipe["model"])
+        i = self.precision.findData(recipe.get("quantize"))
+        if i >= 0:
+            self.precision.setCurrentIndex(i)
+        self.n.setValue(int(recipe.get("n") or 4))
+        self.steps.setValue(int(recipe.get("steps") or 0))
+        self.width_.setValue(int(recipe.get("width") or 0))
+        self.height_.setValue(int(recipe.get("height") or 0))
+        self.seed.setValue(int(recipe.get("seed", -1)))
+        app = recipe.get("app", {})
+        if "diversity" in app:
+            self.diversity.setValue(tick_of(app["diversity"]))
+        elif recipe.get("repulsion") is None:
+            self.diversity.setValue(0)
+
+    def set_busy(self, busy: bool):
+        self.generate.setEnabled(not busy)
+
+    def _fold(self, open_: bool):
+        self.advanced.setVisible(open_)
+        self.advanced_button.setArrowType(Qt.ArrowType.DownArrow if open_ else Qt.ArrowType.RightArrow)
+
+    def _diversity_changed(self, tick):
+        self.diversity_label.setText(diversity_words(tick))
+
+    def _model_index_changed(self, index):
+        if self.model.itemData(index) == "__folder__":
+            folder = QFileDialog.getExistingDirectory(self, "A model folder (diffusers layout)")
+            self.model.blockSignals(True)
+            if folder:
+                self.model.blockSignals(False)
+                self.set_source(folder)
+                return
+            self.model.setCurrentIndex(self._last_model_index)
+            self.model.blockSignals(False)
+            return
+        self._last_model_index = index
+        self.precision.setEnabled(self.source() != models.DEMO)
+        self.model_changed.emit()
+
+    def show_model_state(self, note: str, warn: bool, downloadable: bool):
+        self.model_note.setText(note)
+        self.model_note.setVisible(bool(note))
+        self.model_note.setProperty("warn", warn)
+        self.model_note.style().unpolish(self.model_note)
+        self.model_note.style().polish(self.model_note)
+        self.download.setVisible(downloadable)
+
+    # --- preferences --------------------------------------------------------------------------------
+
+    def save(self):
+        s = self.settings
+        s.setValue("form/model", self.source())
+        s.setValue("form/precision", self.precision.currentIndex())
+        s.setValue("form/n", self.n.value())
+        s.setValue("form/diversity", self.diversity.value())
+        s.setValue("form/steps", self.steps.value())
+        s.setValue("form/width", self.width_.value())
+        s.setValue("form/height", self.height_.value())
+        s.setValue("form/advanced", self.advanced_button.isChecked())
+        s.setValue("form/low_memory", self.low_memory.isChecked())
+        s.setValue("form/prompt", self.prompt.toPlainText())
+        folders = [self.model.itemData(i) for i in range(self.model.count())
+                   if self.model.itemData(i) not in dict(models.CHOICES) and self.model.itemData(i) != "__folder__"]
+        s.setValue("form/folders", folders)
+
+    def restore(self):
+        s = self.settings
+
+        def get(key, default, typ):
+            v = s.value(key, default)
+            try:
+                return typ(v) if typ is not bool else (v if isinstance(v, bool) else str(v).lower() == "true")
+            except (TypeError, ValueError):
+                return default
+        folders = s.value("form/folders", []) or []
+        if isinstance(folders, str):
+            folders = [folders]
+        for f in folders:
+            if Path(f).is_dir():
+                i = self.model.count() - 1
+                self.model.insertItem(i, models.label(f), f)
+        model = s.value("form/model", models.DEMO)
+        if model and (model in dict(models.CHOICES) or Path(str(model)).is_dir()):
+            self.set_source(str(model))
+        self.precision.setCurrentIndex(min(max(get("form/precision", 0, int), 0), self.precision.count() - 1))
+        self.n.setValue(get("form/n", 4, int))
+        self.diversity.setValue(get("form/diversity", 5, int))
+        self.steps.setValue(get("form/steps", 0, int))
+        self.width_.setValue(get("form/width", 0, int))
+        self.height_.setValue(get("form/height", 0, int))
+        self.advanced_button.setChecked(get("form/advanced", False, bool))
+        self.low_memory.setChecked(get("form/low_memory", False, bool))
+        self.prompt.setPlainText(str(s.value("form/prompt", "") or ""))
+        self.precision.setEnabled(self.source() != models.DEMO)

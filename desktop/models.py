@@ -1,0 +1,237 @@
+"""Which model to run: the choices, whether a model is on disk, how much memory it needs, and
+downloading it from the Hugging Face Hub with progress.
+
+The download runs `mlx_crepulse.weights.download` in a child process (QProcess), not in a thread:
+it can then be stopped at once, and huggingface_hub resumes the partial files at the next start.
+Progress is read from the size of the repo's folder in the Hugging Face cache against the total
+the Hub announces for the files a pipeline needs.
+"""
+
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Optional
+
+from PySide6.QtCore import QObject, QProcess, QTimer, Signal
+
+from mlx_crepulse import weights
+
+DEMO = "demo"
+# (source, label); folders are added by the user
+CHOICES = [(DEMO, "Demo (tiny, bundled)"), ("schnell", "FLUX.1-schnell"), ("dev", "FLUX.1-dev")]
+LABELS = dict(CHOICES)
+# Memory a FLUX.1 pipeline needs to run (transformer + T5 + CLIP + VAE + activations), in GB
+FLUX_NEEDS_GB = {None: 33.0, 8: 18.0, 4: 10.0}
+DEMO_NEEDS_GB = 0.5
+PRECISIONS = [(None, "full (bf16)"), (8, "8-bit"), (4, "4-bit")]
+
+
+def label(source: str) -> str:
+    if source in LABELS:
+        return LABELS[source]
+    p = Path(source)
+    return p.name or source
+
+
+def repo_of(source: str) -> Optional[str]:
+    """The Hub repo id for schnell/dev/a repo id; None for the demo and for folders."""
+    if source == DEMO or Path(source).expanduser().exists():
+        return None
+    repo = weights.ALIASES.get(source, source)
+    return repo if re.fullmatch(r"[\w.-]+/[\w.-]+", repo) else None
+
+
+def physical_ram_gb() -> Optional[float]:
+    """Physical memory of this machine (Linux and macOS via sysconf; QSysInfo has no RAM figure)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def needs_gb(source: str, quantize: Optional[int]) -> float:
+    if source == DEMO:
+        return DEMO_NEEDS_GB
+    folder = Path(source).expanduser()
+    if folder.is_dir():  # a local folder: its weights, with the big parts shrunk when quantized
+        total, big = 0, 0
+        for f in folder.rglob("*.safetensors"):
+            size = f.stat().st_size
+            total += size
+            if f.parent.name in ("transformer", "text_encoder_2"):
+                big += size
+        bytes_ = total - big + big * ((quantize or 16) / 16)
+        return round(bytes_ / 1e9 * 1.3 + (0.5 if bytes_ > 1e9 else 0.0), 2)
+    return FLUX_NEEDS_GB.get(quantize, FLUX_NEEDS_GB[None])
+
+
+def memory_problem(source: str, quantize: Optional[int], ram_gb: Optional[float] = None) -> Optional[str]:
+    """A message when this machine has too little memory for the model, else None."""
+    ram = physical_ram_gb() if ram_gb is None else ram_gb
+    if ram is None:
+        return None
+    need = needs_gb(source, quantize)
+    if need <= ram * 0.9:
+        return None
+    precision = dict(PRECISIONS)[quantize]
+    advice = ""
+    if quantize != 4 and FLUX_NEEDS_GB[4] <= ram * 0.9:
+        advice = " Choose 4-bit" + (" or 8-bit" if quantize is None and FLUX_NEEDS_GB[8] <= ram * 0.9 else "") + "."
+    elif quantize != 4 or need > ram:
+        advice = " Try the demo model."
+    return (f"{label(source)} at {precision} needs about {need:.0f} GB of memory; this machine has "
+            f"{ram:.0f} GB.{advice}")
+
+
+def availability(source: str) -> Optional[str]:
+    """None when the model's files are on disk; else a short reason (a Hub model not downloaded yet,
+    a folder that is not a pipeline)."""
+    if source == DEMO:
+        try:
+            weights.resolve(DEMO)
+        except weights.WeightsError as e:
+            return str(e)
+        return None
+    folder = Path(source).expanduser()
+    if folder.exists():
+        if not (folder / "model_index.json").exists():
+            return f"{folder} is not a diffusers pipeline folder (no model_index.json)"
+        return None
+    repo = repo_of(source)
+    if repo is None:
+        return f"unknown model {source!r}: choose demo, schnell, dev, a Hub repo id or a folder"
+    return None if hub_complete(repo) else f"{label(source)} is not downloaded yet"
+
+
+def hub_complete(repo: str) -> bool:
+    """Whether the Hugging Face cache holds a whole pipeline for `repo` (every shard of the sharded parts)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return False
+    import json
+
+    def cached(name):
+        p = try_to_load_from_cache(repo, name)
+        return p if isinstance(p, str) and os.path.exists(p) else None
+
+    if not cached("model_index.json"):
+        return False
+    for part, index in (("transformer", "diffusion_pytorch_model.safetensors.index.json"),
+                        ("text_encoder_2", "model.safetensors.index.json")):
+        idx = cached(f"{part}/{index}")
+        if idx is None:
+            return False
+        with open(idx) as f:
+            shards = set(json.load(f).get("weight_map", {}).values())
+        if not all(cached(f"{part}/{s}") for s in shards):
+            return False
+    return all(cached(f) for f in ("vae/config.json", "text_encoder/config.json", "scheduler/scheduler_config.json"))
+
+
+def repo_cache_dir(repo: str) -> Path:
+    from huggingface_hub import constants
+    return Path(constants.HF_HUB_CACHE) / ("models--" + repo.replace("/", "--"))
+
+
+def cached_bytes(repo: str) -> int:
+    blobs = repo_cache_dir(repo) / "blobs"
+    if not blobs.is_dir():
+        return 0
+    return sum(f.stat().st_size for f in blobs.iterdir() if f.is_file())
+
+
+_CHILD = """
+import sys
+from mlx_crepulse import weights
+repo = sys.argv[1]
+try:
+    from huggingface_hub import HfApi
+    info = HfApi().model_info(repo, files_metadata=True)
+    import fnmatch
+    total = sum(s.size or 0 for s in info.siblings
+                if any(fnmatch.fnmatch(s.rfilename, p) for p in weights.HUB_PATTERNS))
+    print("total", total, flush=True)
+except Exception:
+    pass
+try:
+    print("done", weights.download(repo, progress=False), flush=True)
+except weights.WeightsError as e:
+    print("error", e, flush=True)
+    sys.exit(2)
+"""
+
+
+class Downloader(QObject):
+    """Download a Hub pipeline in a child process. Signals: progress(done bytes, total bytes or 0),
+    finished(folder), failed(message)."""
+    progress = Signal(int, int)
+    finished = Signal(str)
+    failed = Signal(str)
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self.process = None
+        self.repo = None
+        self.total = 0
+        self._out = ""
+        self._timer = QTimer(self)
+        self._timer.setInterval(500)
+        self._timer.timeout.connect(self._poll)
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.state() != QProcess.ProcessState.NotRunning
+
+    def start(self, repo: str):
+        if self.running:
+            return
+        self.repo, self.total, self._out = repo, 0, ""
+        p = QProcess(self)
+        p.setProcessChannelMode(QProcess.ProcessChannelMode.MergedChannels)
+        p.readyReadStandardOutput.connect(self._read)
+        p.finished.connect(self._ended)
+        p.errorOccurred.connect(self._error)
+        self.process = p
+        p.start(sys.executable, ["-c", _CHILD, repo])
+        self._timer.start()
+
+    def stop(self):
+        """Stop now; what was fetched stays in the cache and the next start resumes it."""
+        if self.running:
+            self.process.kill()
+            self.process.waitForFinished(3000)
+
+    def _read(self):
+        self._out += bytes(self.process.readAllStandardOutput()).decode(errors="replace")
+        for line in self._out.splitlines():
+            if line.startswith("total "):
+                try:
+                    self.total = int(line.split()[1])
+                except ValueError:
+                    pass
+
+    def _poll(self):
+        done = cached_bytes(self.repo)
+        self.progress.emit(min(done, self.total) if self.total else done, self.total)
+
+    def _error(self, error):
+        if error == QProcess.ProcessError.FailedToStart:
+            self._timer.stop()
+            self.failed.emit(f"could not start the download: {self.process.errorString()}")
+
+    def _ended(self, code, status):
+        self._timer.stop()
+        self._read()
+        lines = self._out.splitlines()
+        done = [l[5:] for l in lines if l.startswith("done ")]
+        errors = [l[6:] for l in lines if l.startswith("error ")]
+        if code == 0 and done:
+            self.progress.emit(self.total, self.total)
+            self.finished.emit(done[-1])
+        elif status == QProcess.ExitStatus.CrashExit:
+            self.failed.emit("download stopped; starting it again resumes where it left off")
+        else:
+            tail = errors[-1] if errors else (lines[-1] if lines else f"exit code {code}")
+            self.failed.emit(tail)

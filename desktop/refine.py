@@ -1,0 +1,142 @@
+"""Refining a favourite: each action turns images from the history into a `Job` for the engine.
+
+- vary subtly / strongly: a new batch whose noises are the favourite's noise mixed with new noise
+  (`mix_noise`), repelled among themselves;
+- explore new directions: a new batch of the same prompt, repelled from every image already seen for
+  this prompt (their contextual signatures as the reference set);
+- blend: two favourites of one prompt mixed in the contextual space, alpha in [-0.5, 1.5];
+- upscale: the favourite regenerated at twice the size from its own image (image to image);
+- run again: a stored recipe, exactly, from the history's settings and inputs.
+"""
+
+import random
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image as PILImage
+
+from .worker import Job, Mix
+
+
+@dataclass(frozen=True)
+class Variation:
+    kind: str
+    mix: float  # how much new noise: 0 = the favourite's own, 1 = all new
+    diversity: float  # repulsion among the new images, on the model's range
+
+
+SUBTLE = Variation("vary-subtle", mix=0.3, diversity=0.0)
+STRONG = Variation("vary-strong", mix=0.65, diversity=0.5)
+EXPLORE_DIVERSITY = 0.5  # when the diversity control is off, explore still pushes this hard
+BLEND_STEPS = 2
+UPSCALE_STRENGTH = 0.5
+UPSCALE_MAX_SIDE = 2048  # FLUX.1 is trained up to about 2 megapixels
+ALPHA_RANGE = (-0.5, 1.5)
+
+
+def new_seed(n: int = 1) -> int:
+    return random.SystemRandom().randrange(2**31 - 1 - n)
+
+
+def from_recipe(recipe: dict, **over) -> Job:
+    """A job with a batch's model and generation settings (prompt, steps, size, guidance...)."""
+    kw = dict(source=recipe["model"], prompt=recipe["prompt"], n=recipe["n"], seed=recipe["seed"],
+              quantize=recipe.get("quantize"), steps=recipe.get("steps"), width=recipe.get("width"),
+              height=recipe.get("height"), guidance=recipe.get("guidance"),
+              max_sequence_length=recipe.get("max_sequence_length"), true_cfg=recipe.get("true_cfg"),
+              negative_prompt=recipe.get("negative_prompt"))
+    kw.update(over)
+    return Job(**kw)
+
+
+def noise_of(history, image):
+    """A favourite's initial noise: stored (a refined batch) or its seed."""
+    batch = history.batch(image.batch_id)
+    if batch.has_inputs:
+        latents = history.inputs(batch.id).get("latents")
+        if latents is not None:
+            return np.asarray(latents[image.index], np.float32)
+    return int(image.seed)
+
+
+def vary(history, image, variation: Variation, n: int, seed: int = None, low_memory=False) -> Job:
+    batch = history.batch(image.batch_id)
+    n = max(2, n)
+    seed = new_seed(n) if seed is None else seed
+    base = noise_of(history, image)
+    return from_recipe(batch.recipe, kind=variation.kind, n=n, seed=seed, low_memory=low_memory,
+                       noise=[Mix(base, seed + i, variation.mix) for i in range(n)],
+                       diversity=variation.diversity, parent_image=image.id,
+                       labels=[f"variation {i + 1}" for i in range(n)], note=dict(mix=variation.mix))
+
+
+def explore(history, batch, n: int, diversity, seed: int = None, low_memory=False) -> Job:
+    """A new batch of `batch`'s prompt and model, pushed away from every image seen for that prompt."""
+    n = max(2, n)
+    reference = history.signatures(batch.prompt, batch.model)
+    return from_recipe(batch.recipe, kind="explore", n=n, seed=new_seed(n) if seed is None else seed,
+                       low_memory=low_memory, reference=reference,
+                       diversity=EXPLORE_DIVERSITY if not diversity else diversity,
+                       note=dict(reference_size=0 if reference is None else len(reference)))
+
+
+def blend_candidates(history, image) -> list:
+    """Starred images that can be blended with `image`: same prompt, model and size."""
+    b = history.batch(image.batch_id)
+    out = []
+    for other in history.starred():
+        if other.id == image.id:
+            continue
+        ob = history.batch(other.batch_id)
+        if (ob.prompt, ob.model, ob.recipe.get("width"), ob.recipe.get("height")) == \
+                (b.prompt, b.model, b.recipe.get("width"), b.recipe.get("height")):
+            out.append(other)
+    return out
+
+
+def blend(history, a, b, alphas, low_memory=False) -> Job:
+    """Batch [A, B, A per alpha]: A and B from their own noise, each further row A's noise with its
+    enriched text tokens moved toward B's by alpha during the first steps."""
+    alphas = [float(x) for x in alphas]
+    bad = [x for x in alphas if not ALPHA_RANGE[0] <= x <= ALPHA_RANGE[1]]
+    if bad:
+        raise ValueError(f"blend alpha must lie in [{ALPHA_RANGE[0]}, {ALPHA_RANGE[1]}], not {bad}")
+    batch = history.batch(a.batch_id)
+    na, nb = noise_of(history, a), noise_of(history, b)
+    return from_recipe(batch.recipe, kind="blend", n=2 + len(alphas), seed=int(a.seed), low_memory=low_memory,
+                       noise=[na, nb] + [na] * len(alphas), blend=dict(alphas=alphas, steps=BLEND_STEPS),
+                       parent_image=a.id, labels=["A", "B"] + [f"\u03b1 = {x:.2f}" for x in alphas],
+                       note=dict(a=a.id, b=b.id, alphas=alphas))
+
+
+def upscaled_pixels(path, width: int, height: int) -> np.ndarray:
+    """The favourite's PNG resized (Lanczos) to width x height, uint8 (1, H, W, 3)."""
+    with PILImage.open(path) as im:
+        return np.asarray(im.convert("RGB").resize((width, height), PILImage.Resampling.LANCZOS),
+                          np.uint8)[None]
+
+
+def upscale(history, image, factor: int = 2, strength: float = UPSCALE_STRENGTH, low_memory=False) -> Job:
+    """Twice the size (at most UPSCALE_MAX_SIDE on the long side, in multiples of 16), from itself."""
+    batch = history.batch(image.batch_id)
+    f = min(factor, UPSCALE_MAX_SIDE / max(image.width, image.height))
+    w, h = (max(16, int(v * f) // 16 * 16) for v in (image.width, image.height))
+    if w <= image.width and h <= image.height:
+        raise ValueError(f"this image ({image.width} x {image.height}) is already as large as upscaling goes "
+                         f"({UPSCALE_MAX_SIDE} pixels on the long side)")
+    return from_recipe(batch.recipe, kind="upscale", n=1, seed=int(image.seed), low_memory=low_memory,
+                       width=w, height=h, image=upscaled_pixels(image.path, w, h), strength=strength,
+                       parent_image=image.id, note=dict(factor=factor))
+
+
+def rerun(history, batch, low_memory=False) -> Job:
+    """A stored batch's recipe, exactly: its settings, diversity method, blend, noise, reference, image."""
+    r = batch.recipe
+    inputs = history.inputs(batch.id)
+    latents = inputs.get("latents")
+    labels = [im.label for im in batch.images] if any(im.label for im in batch.images) else None
+    return from_recipe(r, kind="rerun", low_memory=low_memory, repulsion=r.get("repulsion"),
+                       reference=inputs.get("reference"), blend=r.get("blend"),
+                       noise=list(latents) if latents is not None else None, image=inputs.get("image"),
+                       strength=r.get("strength") or 0.6, parent_image=r.get("app", {}).get("parent_image"),
+                       labels=labels, note=dict(of_batch=batch.id))

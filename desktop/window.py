@@ -1,0 +1,625 @@
+"""The main window: the generation form on the left, the current batch (or the history) in the
+middle, refine actions in the toolbar, progress and cancel at the bottom.
+
+Keyboard: Ctrl+Enter generates, Esc cancels; in a grid, arrows move, S or Space stars, Enter opens
+the full view; C pins an image for comparison (press again on another to compare); Ctrl+1 / Ctrl+2
+vary subtly / strongly, Ctrl+E explores new directions, Ctrl+B blends, Ctrl+U upscales.
+"""
+
+from typing import Optional
+
+from PySide6.QtCore import QByteArray, QSettings, Qt, Signal
+from PySide6.QtGui import QAction, QColor, QKeySequence, QPalette, QShortcut
+from PySide6.QtWidgets import (QFrame, QHBoxLayout, QLabel, QMainWindow, QMessageBox, QProgressBar,
+                               QPushButton, QSplitter, QTabWidget, QToolBar, QVBoxLayout, QWidget)
+
+from . import models, refine, worker
+from .blend import BlendDialog
+from .controls import Form
+from .grid import Grid
+from .history import History
+from .history_view import HistoryView, plural
+from .viewer import KINDS, Compare, Viewer, summary
+from .worker import Job
+
+STYLE = """
+QLabel#section { font-weight: 600; }
+QLabel#hint { color: palette(mid); font-size: 11px; }
+QLabel#modelNote { color: palette(mid); }
+QLabel#modelNote[warn="true"] { color: #e0a030; }
+QFrame#banner { border-radius: 6px; padding: 2px; }
+QFrame#banner[level="error"] { background: #5c2626; }
+QFrame#banner[level="warn"] { background: #5a4a1c; }
+QFrame#banner[level="info"] { background: #24405e; }
+QFrame#banner QLabel { color: #f2f2f2; }
+QPushButton#primary { font-weight: 600; }
+QLabel#batchTitle { font-size: 15px; font-weight: 600; }
+QLabel#batchInfo { color: palette(mid); }
+"""
+
+
+def apply_theme(app):
+    """A dark Fusion theme: images are judged best on a dark, neutral background."""
+    app.setStyle("Fusion")
+    p = QPalette()
+    colors = {QPalette.ColorRole.Window: "#2b2d31", QPalette.ColorRole.WindowText: "#e6e6e6",
+              QPalette.ColorRole.Base: "#1f2023", QPalette.ColorRole.AlternateBase: "#2b2d31",
+              QPalette.ColorRole.ToolTipBase: "#1f2023", QPalette.ColorRole.ToolTipText: "#e6e6e6",
+              QPalette.ColorRole.Text: "#e6e6e6", QPalette.ColorRole.Button: "#383a40",
+              QPalette.ColorRole.ButtonText: "#e6e6e6", QPalette.ColorRole.Highlight: "#3d8bfd",
+              QPalette.ColorRole.HighlightedText: "#ffffff", QPalette.ColorRole.Mid: "#9a9ca3",
+              QPalette.ColorRole.PlaceholderText: "#8a8c93", QPalette.ColorRole.Link: "#6aa5ff"}
+    for role, c in colors.items():
+        p.setColor(role, QColor(c))
+    for role in (QPalette.ColorRole.Text, QPalette.ColorRole.ButtonText, QPalette.ColorRole.WindowText):
+        p.setColor(QPalette.ColorGroup.Disabled, role, QColor("#6d6f75"))
+    app.setPalette(p)
+
+
+def native(keys: str) -> str:
+    """A shortcut as this platform writes it (Ctrl+Return on Linux, \u2318\u21a9 on macOS)."""
+    return QKeySequence(keys).toString(QKeySequence.SequenceFormat.NativeText)
+
+
+class Banner(QFrame):
+    """A message above the images: errors (a model missing, too little memory), warnings, notes."""
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self.setObjectName("banner")
+        self.label = QLabel()
+        self.label.setWordWrap(True)
+        self.label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        close = QPushButton("\u2715")
+        close.setFlat(True)
+        close.setFixedWidth(28)
+        close.setFocusPolicy(Qt.FocusPolicy.NoFocus)
+        close.clicked.connect(self.hide)
+        lay = QHBoxLayout(self)
+        lay.setContentsMargins(10, 6, 6, 6)
+        lay.addWidget(self.label, 1)
+        lay.addWidget(close)
+        self.hide()
+
+    def show_message(self, text: str, level: str = "error"):
+        self.label.setText(text)
+        self.setProperty("level", level)
+        self.style().unpolish(self)
+        self.style().polish(self)
+        self.show()
+
+    @property
+    def text(self) -> str:
+        return self.label.text() if self.isVisible() else ""
+
+
+class MainWindow(QMainWindow):
+    batch_shown = Signal(int)  # a batch made in this window is in the history and on screen
+    job_ended = Signal(str)  # "finished", "cancelled" or "failed"
+
+    def __init__(self, data_dir=None, settings: Optional[QSettings] = None, engine=None):
+        super().__init__()
+        self.setWindowTitle("mlx-crepulse")
+        self.history = History(data_dir)
+        self.settings = settings if settings is not None else QSettings()
+        self.engine = engine if engine is not None else worker.engine()
+        self.job: Optional[Job] = None
+        self.batch = None  # the batch on the Batch tab (a history.Batch)
+        self.pinned = None  # an image pinned for comparison
+        self.dialogs = []  # open viewers and comparisons
+        self.defaults = {}  # source -> the model's defaults, once loaded
+        self.ask = lambda title, text: QMessageBox.question(self, title, text) == QMessageBox.StandardButton.Yes
+
+        self.form = Form(self.settings)
+        self.form.setMinimumWidth(300)
+        self.form.setMaximumWidth(380)
+        self.grid = Grid()
+        self.banner = Banner()
+        self.title = QLabel()
+        self.title.setObjectName("batchTitle")
+        self.title.setWordWrap(True)
+        self.info = QLabel()
+        self.info.setObjectName("batchInfo")
+        self.info.setWordWrap(True)
+        batch_page = QWidget()
+        bl = QVBoxLayout(batch_page)
+        bl.setContentsMargins(12, 10, 12, 0)
+        bl.addWidget(self.title)
+        bl.addWidget(self.info)
+        bl.addWidget(self.grid, 1)
+        self.history_view = HistoryView(self.history)
+        self.tabs = QTabWidget()
+        self.tabs.setDocumentMode(True)
+        self.tabs.addTab(batch_page, "Batch")
+        self.tabs.addTab(self.history_view, "History")
+
+        # progress row
+        self.progress = QProgressBar()
+        self.progress.setTextVisible(False)
+        self.progress.setFixedHeight(10)
+        self.progress_label = QLabel("Ready")
+        self.progress_label.setMinimumWidth(260)
+        self.cancel_btn = QPushButton("Cancel")
+        self.cancel_btn.setToolTip("Stop after the current step (Esc)")
+        self.cancel_btn.setEnabled(False)
+        self.cancel_btn.clicked.connect(self.cancel)
+        prow = QHBoxLayout()
+        prow.setContentsMargins(12, 6, 12, 8)
+        prow.addWidget(self.progress_label)
+        prow.addWidget(self.progress, 1)
+        prow.addWidget(self.cancel_btn)
+
+        centre = QWidget()
+        cl = QVBoxLayout(centre)
+        cl.setContentsMargins(0, 6, 0, 0)
+        cl.setSpacing(4)
+        bw = QWidget()
+        bwl = QHBoxLayout(bw)
+        bwl.setContentsMargins(12, 0, 12, 0)
+        bwl.addWidget(self.banner)
+        cl.addWidget(bw)
+        cl.addWidget(self.tabs, 1)
+        cl.addLayout(prow)
+        split = QSplitter()
+        split.addWidget(self.form)
+        split.addWidget(centre)
+        split.setStretchFactor(1, 1)
+        split.setCollapsible(0, False)
+        self.setCentralWidget(split)
+        self._make_actions()
+
+        # wiring
+        self.form.generate_requested.connect(self.generate)
+        self.form.model_changed.connect(self.update_model_state)
+        self.form.download_requested.connect(self.download)
+        self.grid.selection_changed.connect(lambda _: self._update_actions())
+        self.grid.star_toggled.connect(self._star_from_grid)
+        self.grid.opened.connect(lambda i: self.open_viewer(self.grid.items(), i))
+        self.history_view.selection_changed.connect(lambda _: self._update_actions())
+        self.history_view.star_toggled.connect(lambda i, s: self.grid.set_starred(i, s))
+        self.history_view.opened.connect(self.open_viewer)
+        self.history_view.use_settings.connect(self.use_settings)
+        self.history_view.run_again.connect(self.run_again)
+        self.history_view.message.connect(self.statusBar().showMessage)
+        self.history_view.deleted.connect(self._deleted)
+        self.tabs.currentChanged.connect(self._tab_changed)
+        self.downloader = models.Downloader(self)
+        self.downloader.progress.connect(self._download_progress)
+        self.downloader.finished.connect(self._download_finished)
+        self.downloader.failed.connect(self._download_failed)
+        self._connections = [(self.engine.status, self._engine_status), (self.engine.loaded, self._loaded),
+                             (self.engine.warning, self._warning),
+                             (self.engine.progress, self._progress), (self.engine.preview, self._preview),
+                             (self.engine.finished, self._finished), (self.engine.cancelled, self._cancelled),
+                             (self.engine.failed, self._failed)]
+        for signal, slot in self._connections:
+            signal.connect(slot)
+
+        self.form.restore()
+        geometry = self.settings.value("window/geometry")
+        if isinstance(geometry, QByteArray) and not geometry.isEmpty():
+            self.restoreGeometry(geometry)
+        else:
+            self.resize(1240, 820)
+        latest = self.history.batches(limit=1)
+        if latest:
+            self.show_batch(latest[0].id)
+        else:
+            self._show_empty()
+        self.update_model_state()
+        self._update_actions()
+        self.form.prompt.setFocus()
+        self.statusBar().showMessage(f"history: {self.history.folder}", 8000)
+
+    # --- actions and shortcuts ---------------------------------------------------------------------
+
+    def _make_actions(self):
+        tb = QToolBar("Selected image")  # beside the Batch / History tabs: it acts on the selected image
+        tb.setToolButtonStyle(Qt.ToolButtonStyle.ToolButtonTextOnly)
+        tb.setStyleSheet("QToolBar { border: none; spacing: 2px; } QToolButton { padding: 3px 7px; }")
+        self.tabs.setCornerWidget(tb, Qt.Corner.TopRightCorner)
+        self.toolbar = tb
+        self.actions_ = {}
+
+        def act(name, text, tip, shortcut, fn):
+            a = QAction(text, self)
+            a.setToolTip(f"{tip} ({QKeySequence(shortcut).toString(QKeySequence.SequenceFormat.NativeText)})"
+                         if shortcut else tip)
+            if shortcut:
+                a.setShortcut(QKeySequence(shortcut))
+            a.triggered.connect(fn)
+            tb.addAction(a)
+            tb.widgetForAction(a).setFocusPolicy(Qt.FocusPolicy.NoFocus)
+            self.actions_[name] = a
+            return a
+
+        act("subtle", "Vary subtly", "New images close to the selected one", "Ctrl+1", lambda: self.vary(refine.SUBTLE))
+        act("strong", "Vary strongly", "New images loosely based on the selected one", "Ctrl+2",
+            lambda: self.vary(refine.STRONG))
+        act("explore", "Explore new directions", "A new batch pushed away from every image already seen for "
+            "this prompt", "Ctrl+E", lambda: self.explore())
+        act("blend", "Blend\u2026", "Blend the selected favourite with another in the contextual space", "Ctrl+B",
+            lambda: self.blend_dialog())
+        act("upscale", "Upscale \u00d72", "Regenerate the selected image at twice the size from itself", "Ctrl+U",
+            lambda: self.upscale())
+        tb.addSeparator()
+        act("view", "View", "Show the selected image full size (Enter)", None, self.view_selected)
+        act("star", "Star", "Star or un-star the selected image (S)", None, self.toggle_star)
+        act("compare", "Compare", "Pin the selected image, then compare it with another (C)", "C", self.compare_step)
+        for seq in ("Ctrl+Return", "Ctrl+Enter"):
+            QShortcut(QKeySequence(seq), self, self.generate, context=Qt.ShortcutContext.WindowShortcut)
+        QShortcut(QKeySequence("Escape"), self, self.cancel, context=Qt.ShortcutContext.WindowShortcut)
+
+    def _tab_changed(self, index):
+        if index == 1:
+            self.history_view.refresh()  # star counts and new batches
+        self._update_actions()
+
+    def selected_image(self):
+        grid = self.grid if self.tabs.currentIndex() == 0 else self.history_view.grid
+        return grid.current_item()
+
+    def _update_actions(self):
+        im = self.selected_image()
+        busy = self.engine.busy and self.job is not None
+        for name in ("subtle", "strong", "blend", "upscale", "view", "star", "compare"):
+            self.actions_[name].setEnabled(im is not None and (name in ("view", "star", "compare") or not busy))
+        self.actions_["explore"].setEnabled(self._context_batch() is not None and not busy)
+        self.actions_["star"].setText("Unstar" if im is not None and im.starred else "Star")
+        pinned = self.pinned is not None
+        self.actions_["compare"].setText("Compare with pinned" if pinned else "Compare")
+
+    def _context_batch(self):
+        im = self.selected_image()
+        if im is not None:
+            return self.history.batch(im.batch_id)
+        return self.batch if self.tabs.currentIndex() == 0 else self.history_view.current_batch()
+
+    # --- generating --------------------------------------------------------------------------------
+
+    def generate(self):
+        f = self.form.job_fields()
+        if not f["prompt"]:
+            self.banner.show_message("Write a prompt first: describe the image you want.", "warn")
+            self.form.prompt.setFocus()
+            return False
+        if f["diversity"] is not None and f["n"] < 2:
+            f["diversity"] = None  # one image has nothing to be pushed away from
+        if f["seed"] is None:
+            f["seed"] = refine.new_seed(f["n"])
+        self.form.save()
+        return self.start(Job(**f))
+
+    def start(self, job: Job) -> bool:
+        """Check the model (on disk? enough memory?) and hand the job to the engine thread."""
+        if self.engine.busy:
+            self.statusBar().showMessage("still working on the last batch: wait, or cancel it (Esc)", 5000)
+            return False
+        problem = models.availability(job.source)
+        if problem:
+            repo = models.repo_of(job.source)
+            if repo and self.ask("Download the model?", f"{problem}. Download it now from the Hugging Face Hub? "
+                                 f"(about {models.needs_gb(job.source, None):.0f} GB; it resumes if stopped)"):
+                self.download(job.source)
+            else:
+                self.banner.show_message(problem + (" \u2014 use Download beside the model." if repo else ""))
+            return False
+        mem = models.memory_problem(job.source, job.quantize)
+        if mem and not self.ask("Not enough memory", mem + "\n\nTry anyway?"):
+            self.banner.show_message(mem, "warn")
+            return False
+        if not self.engine.submit(job, self.history):
+            return False
+        self.job = job
+        self.banner.hide()
+        self.form.set_busy(True)
+        self.cancel_btn.setEnabled(True)
+        self.progress.setRange(0, 0)
+        self.progress_label.setText("Starting\u2026")
+        self.tabs.setCurrentIndex(0)
+        self.title.setText(job.prompt)
+        self.info.setText(f"{KINDS.get(job.kind, job.kind)} \u00b7 {job.n} images \u00b7 {models.label(job.source)}"
+                          " \u00b7 working\u2026")
+        self.grid.set_placeholders(job.n, job.labels)
+        self._update_actions()
+        return True
+
+    def cancel(self):
+        if self.downloader.running:
+            self.downloader.stop()
+            return
+        if self.job is not None and self.engine.busy:
+            self.engine.cancel()
+            self.progress_label.setText("Cancelling after this step\u2026")
+            self.cancel_btn.setEnabled(False)
+
+    def vary(self, variation) -> bool:
+        im = self.selected_image()
+        if im is None:
+            return False
+        return self.start(refine.vary(self.history, im, variation, self.form.n.value(),
+                                      low_memory=self.form.low_memory.isChecked()))
+
+    def explore(self) -> bool:
+        b = self._context_batch()
+        if b is None:
+            return False
+        return self.start(refine.explore(self.history, b, self.form.n.value(), self.form.diversity_value(),
+                                         low_memory=self.form.low_memory.isChecked()))
+
+    def blend(self, a, b, alpha: float) -> bool:
+        try:
+            job = refine.blend(self.history, a, b, [alpha], low_memory=self.form.low_memory.isChecked())
+        except ValueError as e:
+            self.banner.show_message(str(e))
+            return False
+        return self.start(job)
+
+    def blend_dialog(self):
+        a = self.selected_image()
+        if a is None:
+            return
+        candidates = refine.blend_candidates(self.history, a)
+        if not candidates:
+            self.banner.show_message("Star another image of the same prompt (and size) to blend with this one.",
+                                     "info")
+            return
+        dlg = BlendDialog(a, candidates, self)
+        if dlg.exec() and dlg.b is not None:
+            self.blend(a, dlg.b, dlg.alpha)
+
+    def upscale(self) -> bool:
+        im = self.selected_image()
+        if im is None:
+            return False
+        try:
+            job = refine.upscale(self.history, im, low_memory=self.form.low_memory.isChecked())
+        except ValueError as e:
+            self.banner.show_message(str(e), "info")
+            return False
+        return self.start(job)
+
+    def run_again(self, batch) -> bool:
+        return self.start(refine.rerun(self.history, batch, low_memory=self.form.low_memory.isChecked()))
+
+    def use_settings(self, batch):
+        self.form.load_recipe(batch.recipe)
+        self.statusBar().showMessage("settings loaded into the form: Ctrl+Enter makes the batch again", 6000)
+        self.form.prompt.setFocus()
+
+    # --- engine signals ----------------------------------------------------------------------------
+
+    def _mine(self) -> bool:
+        return self.job is not None
+
+    def _engine_status(self, text):
+        if self._mine():
+            self.progress_label.setText(text[:1].upper() + text[1:])
+
+    def _warning(self, text):
+        if self._mine():
+            self.banner.show_message(text, "info")
+
+    def _loaded(self, source, defaults):
+        self.defaults[source] = defaults
+        if source == self.form.source():
+            self.form.steps.setSpecialValueText(f"default ({defaults['steps']})")
+            for s, key in ((self.form.width_, "width"), (self.form.height_, "height")):
+                s.setSpecialValueText(f"default ({defaults[key]})")
+
+    def _progress(self, step, steps, elapsed, eta):
+        if not self._mine():
+            return
+        self.progress.setRange(0, steps)
+        self.progress.setValue(step)
+        left = f"about {eta:.0f} s left" if eta >= 1 else ("finishing" if step == steps else "under a second left")
+        self.progress_label.setText(f"Step {step} of {steps} \u00b7 {left}")
+
+    def _preview(self, images, step, steps):
+        if self._mine():
+            self.grid.set_previews(images, step, steps)
+
+    def _end(self, how: str):
+        self.job = None
+        self.form.set_busy(False)
+        self.cancel_btn.setEnabled(False)
+        self.progress.setRange(0, 1)
+        self.progress.setValue(0)
+        self._update_actions()
+        self.job_ended.emit(how)
+
+    def _finished(self, batch_id):
+        if not self._mine():
+            return
+        job = self.job
+        self._end("finished")
+        self.progress.setValue(1)
+        self.show_batch(batch_id)
+        b = self.batch
+        self.progress_label.setText(f"{plural(len(b.images), 'image')} in {b.seconds:.1f} s")
+        self.history_view.refresh()
+        if job.kind != "generate":
+            self.statusBar().showMessage(f"{KINDS.get(job.kind, job.kind)}: batch {batch_id}", 6000)
+        self.batch_shown.emit(batch_id)
+
+    def _cancelled(self):
+        if not self._mine():
+            return
+        self._end("cancelled")
+        self.progress_label.setText("Cancelled")
+        self._restore_batch()
+
+    def _failed(self, message, kind):
+        if not self._mine():
+            return
+        self._end("failed")
+        self.progress_label.setText("Failed")
+        self.banner.show_message(message, "warn" if kind == "value" else "error")
+        self._restore_batch()
+
+    def _restore_batch(self):
+        if self.batch is not None:
+            self.show_batch(self.batch.id)
+        else:
+            self._show_empty()
+
+    # --- showing batches ---------------------------------------------------------------------------
+
+    def show_batch(self, batch_id: int):
+        b = self.history.batch(batch_id)
+        if b is None:
+            return
+        self.batch = b
+        self.title.setText(b.prompt)
+        origin = ""
+        parent = self.history.image(b.parent_image) if b.parent_image else None
+        if parent is not None:
+            origin = f" from image {parent.index + 1} of batch {parent.batch_id}"
+            if b.kind == "blend" and b.note.get("b"):
+                other = self.history.image(b.note["b"])
+                if other is not None:
+                    origin += f" and image {other.index + 1} of batch {other.batch_id}"
+        text = summary(b.recipe)
+        kind_text = text.split(" \u00b7 ")[0]
+        self.info.setText(f"batch {b.id}: {kind_text}{origin}{text[len(kind_text):]}")
+        self.grid.set_images(b.images)
+        self._update_actions()
+
+    def _deleted(self, batch_id):
+        if self.batch is not None and self.batch.id == batch_id:
+            latest = self.history.batches(limit=1)
+            if latest:
+                self.show_batch(latest[0].id)
+            else:
+                self._show_empty()
+
+    def _show_empty(self):
+        self.batch = None
+        self.title.setText("Nothing yet")
+        hints = [("Ctrl+Return", "generate"), ("Esc", "cancel"), (None, "arrows move"), ("S", "star"),
+                 ("Return", "full view"), ("C", "compare"), ("Ctrl+1", "vary subtly"), ("Ctrl+2", "vary strongly"),
+                 ("Ctrl+E", "explore"), ("Ctrl+B", "blend"), ("Ctrl+U", "upscale")]
+        keys = " \u00b7 ".join(f"<b>{native(k)}</b> {what}" if k else what for k, what in hints)
+        self.info.setText(f"Write a prompt on the left and press Generate ({native('Ctrl+Return')}). Every batch "
+                          f"is kept in History.<br><br>{keys}")
+        self.grid.clear()
+
+    def toggle_star(self):
+        grid = self.grid if self.tabs.currentIndex() == 0 else self.history_view.grid
+        grid.toggle_star()
+
+    def _star_from_grid(self, image_id, starred):
+        self.history.set_starred(image_id, starred)
+        self.history_view.set_starred(image_id, starred)
+        self._update_actions()
+
+    def _star_from_viewer(self, image_id, starred):
+        self.grid.set_starred(image_id, starred)
+        self.history_view.set_starred(image_id, starred)
+        self._update_actions()
+
+    def view_selected(self):
+        grid = self.grid if self.tabs.currentIndex() == 0 else self.history_view.grid
+        if grid.current_item() is not None:
+            self.open_viewer(grid.items(), grid.current)
+
+    def open_viewer(self, items, index) -> Viewer:
+        v = Viewer(self.history, items, index, self)
+        v.star_toggled.connect(self._star_from_viewer)
+        self._keep(v)
+        return v
+
+    def compare(self, a, b) -> Compare:
+        c = Compare(self.history, a, b, self)
+        self._keep(c)
+        return c
+
+    def compare_step(self):
+        im = self.selected_image()
+        if im is None:
+            return
+        if self.pinned is None or self.pinned.id == im.id:
+            self.pinned = im
+            self.statusBar().showMessage("pinned for comparison: select another image and press C", 6000)
+        else:
+            self.compare(self.pinned, im)
+            self.pinned = None
+        self._update_actions()
+
+    def _keep(self, dialog):
+        self.dialogs = [d for d in self.dialogs if d.isVisible()] + [dialog]
+        dialog.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
+        dialog.show()
+
+    # --- models ------------------------------------------------------------------------------------
+
+    def update_model_state(self):
+        source, bits = self.form.source(), self.form.quantize()
+        problem = models.availability(source)
+        mem = models.memory_problem(source, bits)
+        if self.downloader.running and models.repo_of(source) == self.downloader.repo:
+            return
+        if problem:
+            self.form.show_model_state(problem, True, models.repo_of(source) is not None)
+        elif mem:
+            self.form.show_model_state(mem, True, False)
+        else:
+            need = models.needs_gb(source, bits)
+            self.form.show_model_state(f"needs about {need:.0f} GB of memory" if need >= 1 else "tiny: runs anywhere",
+                                       False, False)
+
+    def download(self, source: str):
+        repo = models.repo_of(source)
+        if repo is None or self.downloader.running:
+            return
+        self.downloader.start(repo)
+        self.form.download.setEnabled(False)
+        self.cancel_btn.setEnabled(True)
+        self.progress.setRange(0, 0)
+        self.progress_label.setText(f"Downloading {models.label(source)}\u2026")
+
+    def _download_progress(self, done, total):
+        gb = 1e9
+        if total:
+            self.progress.setRange(0, 1000)
+            self.progress.setValue(int(1000 * done / total))
+            self.progress_label.setText(f"Downloading: {done / gb:.1f} of {total / gb:.1f} GB")
+        else:
+            self.progress_label.setText(f"Downloading: {done / gb:.1f} GB")
+
+    def _download_finished(self, folder):
+        self._download_end()
+        self.progress_label.setText("Download complete")
+        self.banner.show_message(f"{models.label(self.form.source())} is ready: press Generate.", "info")
+
+    def _download_failed(self, message):
+        self._download_end()
+        self.progress_label.setText("Download stopped")
+        self.banner.show_message(message)
+
+    def _download_end(self):
+        self.form.download.setEnabled(True)
+        self.cancel_btn.setEnabled(False)
+        self.progress.setRange(0, 1)
+        self.progress.setValue(0)
+        self.update_model_state()
+
+    # --- closing -----------------------------------------------------------------------------------
+
+    def closeEvent(self, event):
+        self.form.save()
+        self.settings.setValue("window/geometry", self.saveGeometry())
+        self.settings.sync()
+        if self.job is not None:
+            self.engine.cancel()
+        self.downloader.stop()
+        for signal, slot in self._connections:
+            try:
+                signal.disconnect(slot)
+            except (RuntimeError, TypeError):
+                pass
+        self._connections = []
+        for d in self.dialogs:
+            d.close()
+        self.history.close()
+        super().closeEvent(event)

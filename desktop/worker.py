@@ -1,0 +1,277 @@
+"""The engine thread: one QThread per process owns the model and does all of MLX's work.
+
+The window never touches MLX. It submits a `Job` (a description: prompt, model, sizes, diversity,
+noise to start from...); the engine thread loads the model if needed, resolves what depends on it
+(the diversity knob -> a repulsion scale from the model's recommended range, seeds -> noise, noise
+mixing), runs `Pipeline.generate` with a callback, saves the batch to the history (files first, then
+rows) and reports back through Qt signals (queued into the GUI thread):
+
+    status(str)                 loading a model, saving...
+    warning(str)                something the user should know, the job goes on (a prompt cut short)
+    loaded(str, dict)           a model is ready: its source and defaults
+    progress(int, int, float, float)   step, steps, elapsed s, estimated s left
+    preview(object, int, int)   list of QImage (the current prediction of each image), step, steps
+    finished(int)               the new batch's id in the history
+    cancelled()                 stopped at the user's request; nothing was saved
+    failed(str, str)            a message for the user, and a kind: "weights", "value", "memory", "error"
+
+Cancelling sets a flag the step callback reads, so a run stops within one step.
+
+MLX binds GPU streams to the thread that created them, which is why a single long-lived thread (not
+one per window) loads and runs every pipeline; windows come and go and connect to it.
+"""
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+from PySide6.QtCore import QObject, QThread, Signal, Slot
+from PySide6.QtGui import QImage
+
+from mlx_crepulse import Blend, Cancelled, Pipeline, Repulsion, WeightsError, metadata, mix_noise
+
+
+@dataclass
+class Mix:
+    """Initial noise near `base`: mix_noise(base, noise of `seed`, strength)."""
+    base: object  # a noise spec: an ndarray (tokens, channels) or an int seed
+    seed: int
+    strength: float
+
+
+@dataclass
+class Job:
+    """One batch to make. Noise specs (`noise`, one per image) are arrays, int seeds or `Mix`; None
+    means the seeds seed, seed+1, ... as `generate` does by itself."""
+    source: str
+    prompt: str
+    n: int
+    seed: int
+    quantize: Optional[int] = None
+    low_memory: bool = False
+    kind: str = "generate"
+    steps: Optional[int] = None
+    width: Optional[int] = None
+    height: Optional[int] = None
+    guidance: Optional[float] = None
+    max_sequence_length: Optional[int] = None
+    true_cfg: Optional[float] = None
+    negative_prompt: Optional[str] = None
+    diversity: Optional[float] = None  # 0..1 on the model's recommended range; None: plain seeds
+    repulsion: Optional[dict] = None  # explicit Repulsion settings (a recipe run again); wins over diversity
+    reference: Optional[np.ndarray] = None  # signatures of images seen already: push away from them
+    blend: Optional[dict] = None  # Blend settings (alphas, steps)
+    noise: Optional[list] = None
+    image: Optional[np.ndarray] = None  # uint8 (n, H, W, 3): image to image
+    strength: float = 0.6
+    parent_image: Optional[int] = None
+    labels: Optional[list] = None
+    note: dict = field(default_factory=dict)
+
+    @property
+    def model_key(self):
+        return (self.source, self.quantize, self.low_memory)
+
+
+def repulsion_for(diversity: float, defaults, reference=None) -> Repulsion:
+    """The diversity knob (0 = the low end of the model's recommended scale range, 1 = the high end,
+    log scale, as the CLI maps --diversity) -> a Repulsion."""
+    lo, hi = defaults.repulsion_scale_range
+    d = min(max(float(diversity), 0.0), 1.0)
+    return Repulsion(scale=float(f"{lo * (hi / lo) ** d:.3g}"), iterations=defaults.repulsion_iterations,
+                     steps=defaults.repulsion_steps, reference=reference)
+
+
+def to_qimages(pixels: np.ndarray) -> list:
+    """Float images (n, H, W, 3) in [0, 1] -> QImages (safe to make outside the GUI thread)."""
+    out = []
+    for p in np.asarray(pixels):
+        a = np.ascontiguousarray((np.clip(p, 0, 1) * 255).round().astype(np.uint8))
+        h, w = a.shape[:2]
+        out.append(QImage(a.data, w, h, 3 * w, QImage.Format.Format_RGB888).copy())
+    return out
+
+
+class _Runner(QObject):
+    status = Signal(str)
+    warning = Signal(str)
+    loaded = Signal(str, dict)
+    progress = Signal(int, int, float, float)
+    preview = Signal(object, int, int)
+    finished = Signal(int)
+    cancelled = Signal()
+    failed = Signal(str, str)
+
+    def __init__(self):
+        super().__init__()
+        self.cancel_flag = threading.Event()
+        self.pipe = None
+        self.key = None
+        self.previews = True
+
+    @Slot(object, object)
+    def run(self, job: Job, history):
+        try:
+            self._run(job, history)
+        except Cancelled:
+            self.cancelled.emit()
+        except WeightsError as e:
+            self.failed.emit(str(e), "weights")
+        except MemoryError as e:
+            self.failed.emit(f"out of memory: {e or 'the model does not fit'}; try 4-bit or a smaller size", "memory")
+        except ValueError as e:
+            self.failed.emit(str(e), "value")
+        except Exception as e:  # noqa: BLE001 - the thread must survive anything and say what went wrong
+            kind = "memory" if any(w in str(e).lower() for w in ("memory", "malloc", "allocate")) else "error"
+            self.failed.emit(f"{type(e).__name__}: {e}", kind)
+
+    def load(self, job: Job) -> Pipeline:
+        same = self.pipe is not None and self.key[0] == job.source and self.key[2] == job.low_memory and \
+            job.quantize in (self.key[1], self.pipe.quantize)  # a folder saved quantized reports its bits
+        if not same:
+            self.pipe = self.key = None  # free the old model before loading the new one
+            import gc
+            gc.collect()
+            self.status.emit(f"loading {job.source}" + (f" ({job.quantize}-bit)" if job.quantize else "") + " ...")
+            self.pipe = Pipeline.from_pretrained(job.source, quantize=job.quantize, low_memory=job.low_memory)
+            self.key = job.model_key
+            self.loaded.emit(job.source, dict(self.pipe.defaults.__dict__))
+        return self.pipe
+
+    def _run(self, job: Job, history):
+        pipe = self.load(job)
+        if self.cancel_flag.is_set():
+            raise Cancelled()
+        d = pipe.defaults
+        width, height = job.width or d.width, job.height or d.height
+        limit = job.max_sequence_length or d.max_sequence_length
+        tokens = pipe.token_count(job.prompt)
+        if tokens > limit:
+            self.warning.emit(f"The prompt is {tokens} tokens long and this model reads {limit}: the end of it is "
+                              "ignored.")
+        repulsion = None
+        if job.repulsion is not None:  # a stored method's settings; its reference set comes with the job
+            repulsion = metadata.method_from_dict({k: v for k, v in job.repulsion.items() if k != "reference_size"})
+            if job.reference is not None:
+                repulsion.reference = job.reference
+        elif job.diversity is not None or job.reference is not None:
+            repulsion = repulsion_for(job.diversity or 0.0, d, job.reference)
+        latents = None
+        if job.noise is not None:
+            latents = np.stack([self._noise(pipe, spec, width, height) for spec in job.noise]).astype(np.float32)
+        image = None if job.image is None else np.asarray(job.image, np.float32) / 255.0
+        self.status.emit("generating ...")
+        last = {"t": 0.0, "cost": 0.0}
+
+        def callback(p):
+            if self.cancel_flag.is_set():
+                return False
+            self.progress.emit(p.step, p.steps, p.elapsed, p.eta)
+            # a preview costs one VAE decode: show it when that stays cheap next to the steps
+            now = time.perf_counter()
+            if self.previews and p.step < p.steps and now - last["t"] >= 2 * last["cost"]:
+                t0 = time.perf_counter()
+                self.preview.emit(to_qimages(p.preview()), p.step, p.steps)
+                last["cost"] = time.perf_counter() - t0
+                last["t"] = time.perf_counter()
+            return not self.cancel_flag.is_set()
+
+        result = pipe.generate(job.prompt, n=job.n, seed=job.seed, steps=job.steps, guidance=job.guidance,
+                               width=width, height=height, max_sequence_length=job.max_sequence_length,
+                               repulsion=repulsion, latents=latents, callback=callback,
+                               negative_prompt=job.negative_prompt, true_cfg=job.true_cfg,
+                               blend=Blend(**job.blend) if job.blend else None, image=image,
+                               strength=job.strength)
+        self.status.emit("saving ...")
+        inputs = {}
+        if latents is not None:
+            inputs["latents"] = result.noise
+        if job.reference is not None:
+            inputs["reference"] = np.asarray(job.reference, np.float16)
+        if job.image is not None:
+            inputs["image"] = np.asarray(job.image, np.uint8)
+        note = dict(job.note, diversity=job.diversity)
+        try:
+            batch_id = history.add_batch(result, kind=job.kind, note=note, parent_image=job.parent_image,
+                                         inputs=inputs, labels=job.labels)
+        finally:
+            history.close()  # this thread's connection; windows come and go, the thread stays
+        self.finished.emit(batch_id)
+
+    @staticmethod
+    def _noise(pipe, spec, width, height) -> np.ndarray:
+        if isinstance(spec, Mix):
+            base = _Runner._noise(pipe, spec.base, width, height)
+            return mix_noise(base, pipe.noise([spec.seed], width, height)[0], spec.strength)
+        if isinstance(spec, (int, np.integer)):
+            return pipe.noise([int(spec)], width, height)[0]
+        return np.asarray(spec, np.float32)
+
+
+class Engine(QObject):
+    """The GUI-thread handle on the engine thread. Get the process's one engine with `engine()`."""
+    _submit = Signal(object, object)
+
+    def __init__(self):
+        super().__init__()
+        self.thread = QThread()
+        self.thread.setObjectName("crepulse-engine")
+        self.runner = _Runner()
+        self.runner.moveToThread(self.thread)
+        self._submit.connect(self.runner.run)
+        for s in (self.runner.finished, self.runner.cancelled, self.runner.failed):
+            s.connect(self._done)  # queued into the GUI thread, before the windows' own slots
+        r = self.runner  # its signals, for windows to connect to
+        self.status, self.loaded, self.progress, self.preview = r.status, r.loaded, r.progress, r.preview
+        self.warning = r.warning
+        self.finished, self.cancelled, self.failed = r.finished, r.cancelled, r.failed
+        self.busy = False
+        self.thread.start()
+
+    def submit(self, job: Job, history) -> bool:
+        """Queue a job; False (and nothing queued) while another one runs."""
+        if self.busy:
+            return False
+        self.busy = True
+        self.runner.cancel_flag.clear()
+        self._submit.emit(job, history)
+        return True
+
+    def cancel(self):
+        """Ask the running job to stop after its current step (thread-safe: only sets a flag)."""
+        if self.busy:
+            self.runner.cancel_flag.set()
+
+    def _done(self, *args):
+        self.busy = False
+
+    @property
+    def loaded_source(self):
+        return self.runner.key[0] if self.runner.key else None
+
+    def stop(self, timeout_ms: int = 30000):
+        self.runner.cancel_flag.set()
+        self.thread.quit()
+        self.thread.wait(timeout_ms)
+
+
+_engine: Optional[Engine] = None
+
+
+def engine() -> Engine:
+    global _engine
+    if _engine is None:
+        _engine = Engine()
+        import atexit
+        atexit.register(shutdown)
+    return _engine
+
+
+def shutdown():
+    """Stop the engine thread (at exit, or at the end of a test session)."""
+    global _engine
+    if _engine is not None:
+        _engine.stop()
+        _engine = None
