@@ -252,7 +252,8 @@ class Repulsion(Method):
         sig = signature(head).astype(mx.float32)
         ref = reference
         if ref.shape[0] > 64:  # the 64 references nearest to this batch matter; the rest barely move H
-            cos = (ref / mx.linalg.norm(ref, axis=1, keepdims=True)) @ (sig / mx.linalg.norm(sig, axis=1, keepdims=True)).T
+            unit = lambda a: a * mx.rsqrt((a * a).sum(axis=1, keepdims=True))
+            cos = unit(ref) @ unit(sig).T
             ref = ref[mx.argsort(-cos.max(axis=1))[:64]]
         step = (self.reference_scale if self.reference_scale is not None else self.scale) / self.iterations
         grad = mx.grad(lambda y: reference_entropy(y, ref, self.eps))
