@@ -258,6 +258,21 @@ def test_seeds_reproducible_and_per_image(schnell):
     assert not np.array_equal(schnell.generate(PROMPT, n=1, seed=12, output_type="np").images[0], a.images[0])
 
 
+def test_same_images_on_another_thread(schnell):
+    """The app runs the engine on a worker thread. MLX's streams belong to the thread that made them,
+    and the CPU forward splits a batch over two streams: generating on a fresh thread after the main
+    thread has generated works and gives the same images."""
+    import threading
+
+    want = schnell.generate(PROMPT, n=3, seed=5, output_type="np").images
+    got = {}
+    worker = threading.Thread(target=lambda: got.update(
+        images=schnell.generate(PROMPT, n=3, seed=5, output_type="np").images))
+    worker.start()
+    worker.join()
+    np.testing.assert_array_equal(got["images"], want)
+
+
 def test_low_memory_identical_and_frees_encoders(schnell_dir, schnell):
     """`low_memory=True` gives the same images as the default, frees T5 and CLIP once a prompt is
     encoded (text_encoder_2 is None after generate), reloads them for a new prompt, and can save."""

@@ -10,6 +10,7 @@ and after single-stream block `index` (kind "single", with the joint sequence sp
 """
 
 import math
+import threading
 from typing import Callable, Optional
 
 import mlx.core as mx
@@ -133,17 +134,30 @@ def attention(q, k, v, scale: float):
     the whole attention, within 2e-6 of it); on the GPU, MLX's fused kernel."""
     if mx.default_device() != mx.cpu:
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
-    s = (q * scale) @ k.swapaxes(-1, -2)
-    p = _exp_nonpositive(s - s.max(axis=-1, keepdims=True))
+    s = q @ k.swapaxes(-1, -2)
+    p = _softmax_numerator(s, s.max(axis=-1, keepdims=True), mx.array(scale, s.dtype))
     return (p @ v) / p.sum(axis=-1, keepdims=True)
+
+
+@mx.compile
+def _softmax_numerator(s, s_max, scale):
+    # one pass over the (B, heads, S, S) scores: scaling, the max subtraction and exp fused
+    return _exp_nonpositive((s - s_max) * scale)
 
 
 def layer_norm(x):
     return mx.fast.layer_norm(x, None, None, 1e-6)
 
 
+@mx.compile
 def modulate(x, shift, scale):
     return layer_norm(x) * (1 + scale) + shift
+
+
+@mx.compile
+def gated(x, gate, y):
+    """The gated residual x + gate * y, in one pass."""
+    return x + gate * y
 
 
 class GELUProj(nn.Module):
@@ -217,10 +231,10 @@ class DoubleStreamBlock(nn.Module):
         n_txt = txt.shape[1]
         attn = self.attn(modulate(img, i_shift, i_scale), pe, context=modulate(txt, t_shift, t_scale))
         txt_attn, img_attn = attn[:, :n_txt], attn[:, n_txt:]
-        img = img + i_gate * self.attn.to_out[0](img_attn)
-        img = img + i_gate2 * self.ff(modulate(img, i_shift2, i_scale2))
-        txt = txt + t_gate * self.attn.to_add_out(txt_attn)
-        txt = txt + t_gate2 * self.ff_context(modulate(txt, t_shift2, t_scale2))
+        img = gated(img, i_gate, self.attn.to_out[0](img_attn))
+        img = gated(img, i_gate2, self.ff(modulate(img, i_shift2, i_scale2)))
+        txt = gated(txt, t_gate, self.attn.to_add_out(txt_attn))
+        txt = gated(txt, t_gate2, self.ff_context(modulate(txt, t_shift2, t_scale2)))
         return img, txt
 
 
@@ -239,7 +253,7 @@ class SingleStreamBlock(nn.Module):
         shift, scale, gate = self.norm(vec)
         h = modulate(x, shift, scale)
         mlp = gelu_tanh(self.proj_mlp(h))
-        return x + gate * self.proj_out(mx.concatenate([self.attn(h, pe), mlp], axis=-1))
+        return gated(x, gate, self.proj_out(mx.concatenate([self.attn(h, pe), mlp], axis=-1)))
 
 
 class FluxTransformer(nn.Module):
@@ -276,8 +290,28 @@ class FluxTransformer(nn.Module):
         """img: packed latents (B, S_img, in); txt: T5 states (B or 1, S_txt, 4096); vec: `conditioning(...)`,
         batch 1 or B; pe: `pos_embed(...)`. Returns the velocity prediction (B, S_img, out)."""
         img = self.x_embedder(img)
-        txt = self.context_embedder(txt)
-        if txt.shape[0] != img.shape[0]:  # one prompt for the batch: embed it once, then broadcast
+        txt = self.context_embedder(txt)  # one prompt for the batch: embedded once, broadcast in the blocks
+        if hook is None and img.shape[0] > 1 and mx.default_device() == mx.cpu:
+            return self._on_two_cpu_streams(img, txt, vec, pe)
+        return self._blocks(img, txt, vec, pe, hook)
+
+    def _on_two_cpu_streams(self, img, txt, vec, pe):
+        """MLX's CPU build runs each stream on its own thread, but every elementwise op (softmax, GELU,
+        norms: 40% of a forward here) on one thread. So on the CPU, when no hook needs the whole batch
+        at each block, the two halves of the batch run side by side on two streams: 13% less time for
+        a batch of 4 at the benchmark's configuration, the same numbers (each image is computed alone
+        either way). The GPU is parallel already and never takes this path."""
+        half = (img.shape[0] + 1) // 2
+        streams = (mx.default_stream(mx.cpu), _second_cpu_stream())
+        outs = []
+        for part, stream in zip((slice(0, half), slice(half, None)), streams):
+            with mx.stream(stream):
+                outs.append(self._blocks(img[part], txt if txt.shape[0] == 1 else txt[part],
+                                         vec if vec.shape[0] == 1 else vec[part], pe, None))
+        return mx.concatenate(outs)
+
+    def _blocks(self, img, txt, vec, pe, hook):
+        if txt.shape[0] != img.shape[0]:
             txt = mx.broadcast_to(txt, (img.shape[0],) + txt.shape[1:])
         for i, block in enumerate(self.transformer_blocks):
             img, txt = block(img, txt, vec, pe)
@@ -292,3 +326,13 @@ class FluxTransformer(nn.Module):
         img = x[:, n_txt:]
         scale, shift = self.norm_out(vec)  # diffusers' AdaLayerNormContinuous: scale first
         return self.proj_out(modulate(img, shift, scale))
+
+
+_THREAD = threading.local()
+
+
+def _second_cpu_stream():
+    """MLX's streams belong to the thread that made them (the app runs the engine on a worker thread)."""
+    if getattr(_THREAD, "cpu_stream", None) is None:
+        _THREAD.cpu_stream = mx.new_stream(mx.cpu)
+    return _THREAD.cpu_stream
