@@ -9,8 +9,8 @@ latent x0 is noised to x_t = (1 - t) x0 + t noise and
    noise level when it is shown the truth;
 2. sampled from t0 to 0 with the model's default steps and guidance, or --steps and --guidance
    (Euler on the pipeline's sigma grid), starting from the truth noised to t0 (t0 = 1 is plain
-   generation: nothing of x0 is left). Fidelity (colour and shape) and cleanliness per t0 show at which noise level the
-   trajectory loses the prompt.
+   generation: nothing of x0 is left). Fidelity (colour and shape) and cleanliness per t0 show at
+   which noise level the trajectory loses the prompt.
 """
 
 from __future__ import annotations

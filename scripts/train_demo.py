@@ -25,7 +25,7 @@ Stages, each skipped when its output is already in the work folder:
    faster (the shipped model is run by the engine's own activations).
 4. write: the trained weights back into the folder with the Hugging Face key names (the loaders'
    `unsanitize`), the loss curve (JSON and PNG) and the log; with --install, the folder is copied to
-   mlx_crepulse/demo_model/ with crepulse.json (DEFAULTS below, chosen with scripts/eval_demo.py).
+   mlx_crepulse/demo_model/ with crepulse.json (DEFAULTS below, chosen with scripts/evaluate.py).
 """
 
 from __future__ import annotations
@@ -390,7 +390,7 @@ def sample_timesteps(rng, batch: int, kind: str) -> np.ndarray:
 
 def train_transformer(tf, packed_mean: np.ndarray, packed_std: np.ndarray, combo_prompt: np.ndarray,
                       index: dict, txt_all: mx.array, pooled_all: mx.array, steps: int, seed: int, work: Path,
-                      logfile: Path, batch: int = 64, lr: float = 1e-3, p_uncond: float = 0.15,
+                      logfile: Path, batch: int = 64, lr: float = 2e-3, p_uncond: float = 0.15,
                       ema_decay: float = 0.995, init: str = "diffusers", timesteps: str = "uniform",
                       on_checkpoint=None, checkpoint_every: int = 100, eval_every: int = 500):
     ckpt = work / "transformer_ckpt.safetensors"
