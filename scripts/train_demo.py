@@ -394,6 +394,7 @@ def train_transformer(tf, packed_mean: np.ndarray, packed_std: np.ndarray, combo
                       ema_decay: float = 0.995, init: str = "diffusers", timesteps: str = "uniform",
                       on_checkpoint=None, checkpoint_every: int = 100, eval_every: int = 500):
     ckpt = work / "transformer_ckpt.safetensors"
+    tf.split_batch_on_cpu = False  # the split forward evaluates itself: not under mx.grad (see FluxTransformer)
     uncond = txt_all.shape[0] - 1  # the last prompt is ""
     pe = tf.pos_embed(mx.zeros((SEQ, 3)), sampling.image_ids(ROWS, COLS))
     opt = optim.AdamW(learning_rate=lr_schedule(lr, 100, steps), betas=[0.9, 0.99], weight_decay=0.01)
