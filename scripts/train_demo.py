@@ -17,9 +17,9 @@ Stages, each skipped when its output is already in the work folder:
 3. transformer (MLX): rectified flow as FLUX trains it (x_t = (1 - t) x0 + t noise, the model predicts
    noise - x0), timesteps uniform on [0, 1] (stratified), the caption dropped to "" 15% of the time so
    true classifier-free guidance works; diffusers' own initialisation, AdamW (2e-3) with warmup and
-   cosine decay, gradient clipping, EMA. 2,500 steps at about 0.89 steps/s here (47 minutes; the VAE
-   takes 16): the previous recipe (adaLN-Zero, 1e-3, 1,500 steps) reached 43% prompt fidelity, this one
-   85% (README).
+   cosine decay, gradient clipping, EMA. 3,500 steps at 0.78-0.89 steps/s here (66-75 minutes; the VAE
+   takes 16): 1,500 steps of the previous recipe (adaLN-Zero, 1e-3) reached 43% prompt fidelity, 2,500
+   steps of this one 85%, 3,500 steps 92% (README).
    MLX's CPU build computes exp and tanh slowly, so during training only (VAE and transformer), the
    tanh GELU and SiLU run through a rational approximation of tanh accurate to 4e-7, several times
    faster (the shipped model is run by the engine's own activations).
