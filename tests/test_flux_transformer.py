@@ -95,21 +95,25 @@ def test_cpu_attention_matches_torch():
 OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0"
 SPLIT_WITH_OPENBLAS = """
 import ctypes, mlx.core as mx, numpy as np
-from mlx_crepulse.models.flux import FluxTransformer, _openblas_threads
+from mlx_crepulse.models.flux import FluxTransformer, openblas_threads
 cfg = dict(in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
            joint_attention_dim=24, pooled_projection_dim=20, axes_dims_rope=(4, 6, 6))
 model = FluxTransformer(cfg)
 mx.eval(model.parameters())
 lib = ctypes.CDLL(None)
-assert _openblas_threads() is not None
+assert openblas_threads() is not None
 lib.openblas_set_num_threads(2)
 rng = np.random.default_rng(0)
 img, txt = mx.array(rng.standard_normal((4, 12, 16), np.float32)), mx.array(rng.standard_normal((1, 5, 24), np.float32))
 vec = model.conditioning(mx.array([0.5]), mx.array(rng.standard_normal((1, 20), np.float32)))
 pe = model.pos_embed(mx.zeros((5, 3)), mx.array(rng.integers(0, 4, (12, 3)).astype(np.float32)))
 split = np.array(model(img, txt, vec, pe))
-model.split_batch_on_cpu = False
-whole = np.array(model(img, txt, vec, pe))
+whole = np.array(model(img, txt, vec, pe, hook=lambda kind, i, t, x: (t, x)))  # a hook: one stream
+lib.openblas_set_num_threads(1)
+lazy = model(img, txt, vec, pe)  # one thread already: the split stays lazy, so it works under mx.grad
+grad = mx.grad(lambda x: model(x, txt, vec, pe).sum())(img)
+assert np.abs(np.array(lazy) - split).max() == 0 and float(mx.abs(grad).sum()) > 0
+lib.openblas_set_num_threads(2)
 assert np.abs(split - whole).max() <= 1e-5 * np.abs(whole).max(), np.abs(split - whole).max()  # BLAS blocking differs
 assert lib.openblas_get_num_threads() == 2
 print("ok")
@@ -119,8 +123,9 @@ print("ok")
 @pytest.mark.skipif(not __import__("os").path.exists(OPENBLAS), reason="Debian's libopenblas0-pthread is not installed")
 def test_split_forward_under_openblas():
     """With OpenBLAS preloaded (how Linux runs MLX fast), the split forward evaluates itself with one
-    BLAS thread per stream: it gives the single-stream numbers (to float32 rounding) and puts OpenBLAS's thread count
-    back. Run in a fresh process because the preload must come before MLX loads."""
+    BLAS thread per stream: it gives the single-stream numbers (to float32 rounding) and puts OpenBLAS's
+    thread count back; with one thread set already (as training sets it) it stays lazy and differentiable.
+    Run in a fresh process because the preload must come before MLX loads."""
     import os
     import subprocess
     import sys

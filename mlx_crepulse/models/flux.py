@@ -259,10 +259,6 @@ class SingleStreamBlock(nn.Module):
 
 
 class FluxTransformer(nn.Module):
-    # Inference on the CPU runs a batch as two halves on two streams (see _on_two_cpu_streams). Training
-    # turns it off: with OpenBLAS the split evaluates its forward itself, which mx.grad/mx.compile forbid.
-    split_batch_on_cpu = True
-
     def __init__(self, config: dict):
         super().__init__()
         self.config = dict(config)
@@ -297,7 +293,7 @@ class FluxTransformer(nn.Module):
         batch 1 or B; pe: `pos_embed(...)`. Returns the velocity prediction (B, S_img, out)."""
         img = self.x_embedder(img)
         txt = self.context_embedder(txt)  # one prompt for the batch: embedded once, broadcast in the blocks
-        if self.split_batch_on_cpu and hook is None and img.shape[0] > 1 and mx.default_device() == mx.cpu:
+        if hook is None and img.shape[0] > 1 and mx.default_device() == mx.cpu:
             return self._on_two_cpu_streams(img, txt, vec, pe)
         return self._blocks(img, txt, vec, pe, hook)
 
@@ -316,12 +312,13 @@ class FluxTransformer(nn.Module):
                 outs.append(self._blocks(img[part], txt if txt.shape[0] == 1 else txt[part],
                                          vec if vec.shape[0] == 1 else vec[part], pe, None))
         out = mx.concatenate(outs)
-        blas = _openblas_threads()
-        if blas is not None:
+        blas = openblas_threads()
+        if blas is not None and blas[1]() > 1:
             # With OpenBLAS (preloaded on Linux) each stream's matmuls would start their own pool of
             # threads, twice as many as cores, spinning against the other stream's elementwise ops: one
             # BLAS thread per stream took 13-20% less time here. The count is read when a matmul runs,
-            # so this forward is evaluated now, under it, and the count put back.
+            # so this forward is evaluated now, under it, and the count put back. A caller that has
+            # set one thread already (training, under mx.grad and mx.compile) keeps it lazy.
             set_threads, get_threads = blas
             threads = get_threads()
             set_threads(1)
@@ -360,7 +357,7 @@ def _second_cpu_stream():
 
 
 @functools.lru_cache(maxsize=None)
-def _openblas_threads():
+def openblas_threads():
     """(set, get) of OpenBLAS's thread count when MLX's CPU matmuls run on it, else None (macOS's
     Accelerate, the MLX wheel's own BLAS)."""
     try:
