@@ -54,7 +54,7 @@ from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
 
 from mlx_crepulse import sampling, weights  # noqa: E402
 from mlx_crepulse.models import autoencoder, clip, t5  # noqa: E402
-from mlx_crepulse.models.flux import FluxTransformer, openblas_threads  # noqa: E402
+from mlx_crepulse.models.flux import FluxTransformer, one_blas_thread  # noqa: E402
 from scripts import shapes  # noqa: E402
 
 SIZE = shapes.SIZE  # 32 pixels
@@ -237,25 +237,6 @@ def real_activations():
 # ------------------------------------------------------------------------------------------------
 # checkpoints
 # ------------------------------------------------------------------------------------------------
-
-@contextmanager
-def one_blas_thread():
-    """The transformer's CPU forward runs each batch as two halves on two streams, and with OpenBLAS
-    each stream should get one BLAS thread (FluxTransformer._on_two_cpu_streams). Set here for the
-    whole transformer stage, the split stays lazy under mx.grad and mx.compile: 1.28 steps/s against
-    0.79 with the batch on one stream, measured side by side (75 steps, same losses to 5 digits)."""
-    blas = openblas_threads()
-    if blas is None:
-        yield
-        return
-    set_threads, get_threads = blas
-    threads = get_threads()
-    set_threads(1)
-    try:
-        yield
-    finally:
-        set_threads(threads)
-
 
 def save_checkpoint(path: Path, arrays: dict, meta: dict):
     tmp = path.with_suffix(".tmp.safetensors")
@@ -451,6 +432,9 @@ def train_transformer(tf, packed_mean: np.ndarray, packed_std: np.ndarray, combo
         return loss
 
     t0, window = time.time(), []
+    # one OpenBLAS thread per stream for the whole stage, so the forward's two-stream split stays lazy
+    # under mx.grad and mx.compile: 1.28 steps/s against 0.79 with the batch on one stream, measured
+    # side by side (75 steps, same losses to 5 digits)
     with fast_activations(), one_blas_thread():
         for step in range(start, steps):
             rng = np.random.default_rng([seed, 2, step])

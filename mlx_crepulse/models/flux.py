@@ -9,6 +9,7 @@ One narrow hook lets repulsion, blending and their baselines act on the hidden s
 and after single-stream block `index` (kind "single", with the joint sequence split at the text length).
 """
 
+import contextlib
 import ctypes
 import functools
 import math
@@ -317,15 +318,10 @@ class FluxTransformer(nn.Module):
             # With OpenBLAS (preloaded on Linux) each stream's matmuls would start their own pool of
             # threads, twice as many as cores, spinning against the other stream's elementwise ops: one
             # BLAS thread per stream took 13-20% less time here. The count is read when a matmul runs,
-            # so this forward is evaluated now, under it, and the count put back. A caller that has
-            # set one thread already (training, under mx.grad and mx.compile) keeps it lazy.
-            set_threads, get_threads = blas
-            threads = get_threads()
-            set_threads(1)
-            try:
+            # so this forward is evaluated now, under it. A caller that holds `one_blas_thread()`
+            # already (training, under mx.grad and mx.compile) keeps it lazy.
+            with one_blas_thread():
                 mx.eval(out)
-            finally:
-                set_threads(threads)
         return out
 
     def _blocks(self, img, txt, vec, pe, hook):
@@ -365,3 +361,20 @@ def openblas_threads():
         return lib.openblas_set_num_threads, lib.openblas_get_num_threads
     except (OSError, AttributeError):
         return None
+
+
+@contextlib.contextmanager
+def one_blas_thread():
+    """OpenBLAS at one thread inside the block (the count put back after), so that the CPU's two
+    streams get one BLAS thread each; does nothing where MLX's matmuls do not run on OpenBLAS."""
+    blas = openblas_threads()
+    if blas is None:
+        yield
+        return
+    set_threads, get_threads = blas
+    threads = get_threads()
+    set_threads(1)
+    try:
+        yield
+    finally:
+        set_threads(threads)
