@@ -2,9 +2,10 @@
 
     python -m scripts.eval_demo [FOLDER] [--groups 4] [--out build/demo_train/eval.json]
 
-For each setting, every caption of the grammar (24) is generated in `--groups` groups of 4 images
-(group g of a caption uses seeds base + 4 g .. base + 4 g + 3; the base, 1000, is not the training
-seed). Each image is read by `scripts/shapes.read`:
+For each setting, every caption of the grammar (24) is generated in `--groups` groups of 4 images,
+each group from its own 4 seeds (group g of caption k starts at base + 4 (24 g + k); the base, 1000, is
+not the training seed). Groups must not share seeds across captions: the noise fixes most of the layout
+whatever the caption, so shared seeds make 24 captions one correlated draw. Each image is read by `scripts/shapes.read`:
 - fidelity: share of images whose colour and shape are the caption's;
 - clean: share of images the oracle calls clean (one crisp object on a flat background);
 - vendi: the Vendi score of each group's free-attribute one-hot vectors (position, size,
@@ -38,9 +39,10 @@ EVAL_SEED = 1000
 def readings(pipe, prompts, groups: int, n: int = 4, base: int = EVAL_SEED, **kw) -> list:
     """[(caption, [oracle readings of its n images])] for every caption and group."""
     out = []
-    for prompt in prompts:
+    for k, prompt in enumerate(prompts):
         for g in range(groups):
-            images = pipe.generate(prompt, n=n, seed=base + n * g, output_type="np", **kw).images
+            seed = base + n * (g * len(prompts) + k)
+            images = pipe.generate(prompt, n=n, seed=seed, output_type="np", **kw).images
             out.append((prompt, [shapes.read(im) for im in images]))
     return out
 
