@@ -1,18 +1,23 @@
 """The paper's table in miniature, on the bundled demo model.
 
-    python scripts/evaluate.py                     # every prompt of the grammar, 4 images each
-    python scripts/evaluate.py --prompts 4 --plot out.png
+    python scripts/evaluate.py                     # every prompt of the grammar, 4 groups of 4 images each
+    python scripts/evaluate.py --groups 1 --prompts 4 --plot out.png
 
 For each method (the base model, contextual repulsion at several scales, particle guidance, CADS and
-image-token repulsion, all at the model's default guidance) it generates 4 images for every caption of
-the shapes grammar, with seeds no test uses, and reads them back with the oracle (scripts/shapes.py):
-- Vendi (free): Vendi score of the free attributes (position, size, background) within each prompt's
-  group of 4, averaged over prompts: how varied the batch is in what the prompt leaves open;
+image-token repulsion, all at the model's default guidance) it generates `--groups` batches of 4 images
+for every caption of the shapes grammar, each batch from its own seeds (none that a test uses; every
+method gets the same seeds), and reads them back with the oracle (scripts/shapes.py):
+- Vendi (free): Vendi score of the free attributes (position, size, background) within each batch of
+  4, averaged over batches: how varied the batch is in what the prompt leaves open;
 - Vendi (pixels): the same on raw pixels (in [-1, 1]);
 - fidelity: the share of images whose colour and shape are the prompt's;
 - clean: the share the oracle calls clean (one crisp object on a flat background);
 - s/batch: seconds per batch of 4.
-It prints the table and saves a plot of diversity against fidelity, one curve per method.
+Then each method against the base model, with the standard error of the difference: batches are
+paired (same seeds), so the error is that of the mean per-batch difference. It is large: the noise
+fixes most of a 32x32 picture's layout, so one batch of 4 is one draw, and 24 batches (one per
+caption) leave a Vendi change uncertain by about 5 percentage points and a fidelity change by 3.
+It prints the tables and saves a plot of diversity against fidelity, one curve per method.
 """
 
 import argparse
@@ -51,24 +56,45 @@ def methods(pipe, quick=False):
     return rows
 
 
-def evaluate(pipe, prompts, method, extra):
-    readings, vendi_free, vendi_px, seconds = [], [], [], []
-    for k, prompt in enumerate(prompts):
-        t = time.perf_counter()
-        images = pipe.generate(prompt, n=4, seed=SEED0 + 4 * k, repulsion=method, output_type="np", **extra).images
-        seconds.append(time.perf_counter() - t)
-        colour, shape = shapes.parse_caption(prompt)
-        group = [shapes.read(img) for img in images]
-        for r in group:
-            r["faithful"] = r["colour"] == colour and r["shape"] == shape
-        readings += group
-        vendi_free.append(vendi_score([shapes.free_attributes(r) for r in group]))
-        vendi_px.append(vendi_score(images.reshape(4, -1) * 2 - 1))
-    return dict(vendi_free=float(np.mean(vendi_free)), vendi_pixels=float(np.mean(vendi_px)),
-                fidelity=float(np.mean([r["faithful"] for r in readings])),
-                clean=float(np.mean([r["clean"] for r in readings])),
+def evaluate(pipe, prompts, method, extra, groups=4):
+    """Summary of one method plus its per-batch values (for the paired comparisons)."""
+    batch = {"vendi_free": [], "fidelity": [], "clean": []}
+    readings, vendi_px, seconds = [], [], []
+    for g in range(groups):
+        for k, prompt in enumerate(prompts):
+            seed = SEED0 + 4 * (g * len(prompts) + k)  # group 0 is seeds 900000 + 4k, as before groups existed
+            t = time.perf_counter()
+            images = pipe.generate(prompt, n=4, seed=seed, repulsion=method, output_type="np", **extra).images
+            seconds.append(time.perf_counter() - t)
+            colour, shape = shapes.parse_caption(prompt)
+            group = [shapes.read(img) for img in images]
+            for r in group:
+                r["faithful"] = r["colour"] == colour and r["shape"] == shape
+            readings += group
+            batch["vendi_free"].append(vendi_score([shapes.free_attributes(r) for r in group]))
+            batch["fidelity"].append(np.mean([r["faithful"] for r in group]))
+            batch["clean"].append(np.mean([r["clean"] for r in group]))
+            vendi_px.append(vendi_score(images.reshape(4, -1) * 2 - 1))
+    return dict(vendi_free=float(np.mean(batch["vendi_free"])), vendi_pixels=float(np.mean(vendi_px)),
+                fidelity=float(np.mean(batch["fidelity"])), clean=float(np.mean(batch["clean"])),
                 typical=float(np.mean([all(r.get(a) == v for a, v in shapes.TYPICAL.items()) for r in readings])),
-                seconds=float(np.median(seconds)))
+                seconds=float(np.median(seconds)), batches={k: np.array(v) for k, v in batch.items()})
+
+
+def paired(r, ref, key):
+    """Mean per-batch difference r - ref of `key` and its standard error (batches share seeds)."""
+    d = r["batches"][key] - ref["batches"][key]
+    return float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
+
+
+def comparison(label, r, ref):
+    """One line: Vendi change in % of the reference, fidelity and cleanliness changes in points, +- 1 s.e."""
+    dv, sv = paired(r, ref, "vendi_free")
+    df, sf = paired(r, ref, "fidelity")
+    dc, sc = paired(r, ref, "clean")
+    v0 = ref["vendi_free"]
+    return (f"{label:26s} {100 * dv / v0:+6.1f}% +- {100 * sv / v0:4.1f}  {100 * df:+6.1f} +- {100 * sf:4.1f}  "
+            f"{100 * dc:+6.1f} +- {100 * sc:4.1f}")
 
 
 def plot(results, path):
@@ -109,6 +135,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="demo")
     parser.add_argument("--prompts", type=int, default=None, help="only the first N captions (default: all 24)")
+    parser.add_argument("--groups", type=int, default=4, help="batches of 4 per caption, each from its own seeds")
     parser.add_argument("--quick", action="store_true", help="fewer scales per method")
     parser.add_argument("--plot", default="docs/diversity-vs-fidelity.png")
     args = parser.parse_args()
@@ -116,20 +143,22 @@ def main():
     pipe = Pipeline.from_pretrained(args.model)
     prompts = shapes.prompts()[:args.prompts]
     d = pipe.defaults
-    print(f"model {args.model}: {len(prompts)} prompts x 4 images, {d.steps} steps, true CFG {d.true_cfg}, "
-          f"seeds from {SEED0}")
+    print(f"model {args.model}: {len(prompts)} prompts x {args.groups} batches of 4 images, {d.steps} steps, "
+          f"true CFG {d.true_cfg}, seeds from {SEED0}")
     header = f"{'method':26s} {'Vendi free':>10s} {'Vendi px':>9s} {'fidelity':>9s} {'clean':>6s} {'typical':>8s} {'s/batch':>8s}"
     print(header)
     results = []
     for fam, label, method, extra in methods(pipe, args.quick):
-        r = evaluate(pipe, prompts, method, extra)
+        r = evaluate(pipe, prompts, method, extra, args.groups)
         results.append((fam, label, r))
         print(f"{label:26s} {r['vendi_free']:10.3f} {r['vendi_pixels']:9.3f} {r['fidelity']:9.1%} "
               f"{r['clean']:6.1%} {r['typical']:8.1%} {r['seconds']:8.2f}", flush=True)
     base = results[0][2]
-    print(f"\nrelative to base: " + ", ".join(
-        f"{label} {r['vendi_free'] / base['vendi_free'] - 1:+.0%} Vendi, {100 * (r['fidelity'] - base['fidelity']):+.1f} pts"
-        for _, label, r in results[1:]))
+    print(f"\n{'against the base model':26s} {'Vendi free':>14s}  {'fidelity, pts':>14s}  {'clean, pts':>14s}")
+    for _, label, r in results[1:]:
+        print(comparison(label, r, base))
+    unguided = next(r for fam, _, r in results if fam == "guidance 1")
+    print(comparison("base against guidance 1", base, unguided))
     if args.plot:
         Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
         plot([x for x in results if x[0] != "guidance 1"] + [x for x in results if x[0] == "guidance 1"], args.plot)
