@@ -1,0 +1,123 @@
+"""Why the demo model's results fall where they do (README, "Results on the demo model").
+
+    python scripts/why_demo.py clean        # is repulsion's cleanliness drop a change of mix or dirtier pictures?
+    python scripts/why_demo.py guidance     # where guidance moves the free attributes
+    python scripts/why_demo.py variants [--model FOLDER]   # hook variants, paired, on the selection seeds
+
+`clean` and `guidance` use evaluate.py's seeds (4 batches per caption); `variants` uses the seeds the
+defaults were chosen on (800000 on, 2 batches per caption), so evaluate.py's stay unseen by choices.
+"""
+
+import argparse
+import collections
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from mlx_crepulse import Pipeline, Repulsion  # noqa: E402
+from mlx_crepulse.repulsion import ascend  # noqa: E402
+from scripts import evaluate, shapes  # noqa: E402
+
+
+def readings(pipe, groups=4, seed0=evaluate.SEED0, **kw):
+    """Oracle readings of every caption's batches, seeded as evaluate.py seeds them."""
+    prompts, out = shapes.prompts(), []
+    for g in range(groups):
+        for k, prompt in enumerate(prompts):
+            images = pipe.generate(prompt, n=4, seed=seed0 + 4 * (g * len(prompts) + k), output_type="np", **kw).images
+            colour, shape = shapes.parse_caption(prompt)
+            for r in map(shapes.read, images):
+                r["faithful"] = r["colour"] == colour and r["shape"] == shape
+                out.append(r)
+    return out
+
+
+def kind(a):
+    return a["size"], "centre" if a["position"] == "centre" else "corner"
+
+
+def clean(pipe):
+    """Clean and faithful shares per kind of picture (size, centre or corner), for the base model and
+    repulsion at the recommended scale, beside the VAE's own round trip of every rendered combination."""
+    combos = shapes.all_attribute_combinations()
+    rendered = np.stack([shapes.render(**a) for a in combos]).astype(np.float32) / 127.5 - 1
+    decoded = np.clip(np.array(pipe.vae.decode(pipe.vae.encode(mx.array(rendered)))) / 2 + 0.5, 0, 1)
+    vae = collections.defaultdict(list)
+    for a, im in zip(combos, decoded):
+        vae[kind(a)].append(shapes.read(im)["clean"])
+    d = pipe.defaults
+    lo, hi = d.repulsion_scale_range
+    rep = Repulsion(scale=(lo * hi) ** 0.5, iterations=d.repulsion_iterations, steps=d.repulsion_steps)
+    runs = {"base": readings(pipe), f"repulsion {rep.scale:.3g}": readings(pipe, repulsion=rep)}
+    tables = {name: collections.defaultdict(list) for name in runs}
+    for name, rs in runs.items():
+        for r in rs:
+            if r["size"] is not None:
+                tables[name][kind(r)].append(r)
+    share = lambda rs, key: f"{np.mean([r[key] for r in rs]):6.1%}" if rs else "     -"
+    print(f"{'size, position':18s} {'VAE clean':>9s} | " + " | ".join(f"{n}: images  clean faithful" for n in runs))
+    for k in sorted(vae, key=lambda k: (list(shapes.SIZES).index(k[0]), k[1])):
+        cells = [f"{len(t[k]):6d} {share(t[k], 'clean')} {share(t[k], 'faithful'):>8s}" for t in tables.values()]
+        print(f"{k[0] + ', ' + k[1]:18s} {np.mean(vae[k]):9.1%} | " + " | ".join(cells))
+    base_name, rep_name = list(runs)
+    for name, rs in runs.items():
+        print(f"{name}: clean {np.mean([r['clean'] for r in rs]):.1%}, faithful {np.mean([r['faithful'] for r in rs]):.1%}")
+    mix = {k: len(v) / len(runs[base_name]) for k, v in tables[base_name].items()}
+    for key in ("clean", "faithful"):
+        at_mix = sum(w * np.mean([r[key] for r in tables[rep_name][k]]) for k, w in mix.items() if tables[rep_name][k])
+        print(f"{rep_name} {key} at the base model's mix of kinds: {at_mix:.1%}")
+
+
+def guidance(pipe):
+    """Shares of every free attribute's values: the data's, then the model's at true CFG 1 and its default."""
+    rows = [("data", shapes.sample_attributes(0, 20000))]
+    for cfg in (1.0, pipe.defaults.true_cfg):
+        rows.append((f"CFG {cfg:g}", readings(pipe, true_cfg=cfg)))
+    for name, rs in rows:
+        parts = []
+        for a in shapes.FREE_ATTRIBUTES:
+            c = collections.Counter(r[a] for r in rs)
+            parts.append(", ".join(f"{v} {c[v] / len(rs):.0%}" for v in shapes.DISTRIBUTIONS[a]))
+        print(f"{name:7s} " + " | ".join(parts))
+
+
+class ConditionalOnly(Repulsion):
+    """Repulsion on the conditional branch of true CFG only (the unconditional one runs untouched)."""
+
+    def _ascend(self, x, groups):
+        b = x.shape[0] // groups
+        head = ascend(x[:b][None], self.scale, self.iterations, self.eps)[0]
+        return mx.concatenate([head, x[b:]], axis=0)
+
+
+def variants(pipe):
+    """Hook variants against the base model, paired, on the seeds the defaults were chosen on. The
+    bundled demo's repulsion settings whatever the model, so that two models are compared alike."""
+    d = Pipeline.from_pretrained("demo").defaults
+    rep = lambda s, cls=Repulsion, **kw: cls(scale=s, iterations=d.repulsion_iterations, steps=d.repulsion_steps, **kw)
+    rows = [("base", None), ("all blocks 6.25e3", rep(6.25e3)), ("all blocks 2.5e4", rep(2.5e4)),
+            ("conditional only 2.5e4", rep(2.5e4, ConditionalOnly)),
+            ("double blocks 2.5e4", rep(2.5e4, blocks="double")), ("double blocks 1e5", rep(1e5, blocks="double"))]
+    seed0, evaluate.SEED0 = evaluate.SEED0, 800_000
+    try:
+        results = [(label, evaluate.evaluate(pipe, shapes.prompts(), m, {}, groups=2)) for label, m in rows]
+    finally:
+        evaluate.SEED0 = seed0
+    for label, r in results[1:]:
+        print(evaluate.comparison(label, r, results[0][1]))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("question", choices=("clean", "guidance", "variants"))
+    p.add_argument("--model", default="demo")
+    args = p.parse_args()
+    {"clean": clean, "guidance": guidance, "variants": variants}[args.question](Pipeline.from_pretrained(args.model))
+
+
+if __name__ == "__main__":
+    main()
