@@ -37,6 +37,11 @@ from scripts import shapes  # noqa: E402
 SEED0 = 900_000  # far from every seed the tests use
 
 
+def batch_seed(group: int, caption: int, captions: int, base: int = SEED0) -> int:
+    """First seed of a caption's batch: every batch its own 4 seeds; group 0 is base + 4 * caption."""
+    return base + 4 * (group * captions + caption)
+
+
 def methods(pipe, quick=False):
     """(family, label, method or None, extra generate() arguments) for every row of the table."""
     d = pipe.defaults
@@ -57,15 +62,15 @@ def methods(pipe, quick=False):
     return rows
 
 
-def evaluate(pipe, prompts, method, extra, groups=4):
+def evaluate(pipe, prompts, method, extra, groups=4, seed0=SEED0):
     """Summary of one method plus its per-batch values (for the paired comparisons)."""
     batch = {"vendi_free": [], "fidelity": [], "clean": []}
     readings, vendi_px, seconds = [], [], []
     for g in range(groups):
         for k, prompt in enumerate(prompts):
-            seed = SEED0 + 4 * (g * len(prompts) + k)  # group 0 is seeds 900000 + 4k, as before groups existed
             t = time.perf_counter()
-            images = pipe.generate(prompt, n=4, seed=seed, repulsion=method, output_type="np", **extra).images
+            images = pipe.generate(prompt, n=4, seed=batch_seed(g, k, len(prompts), seed0), repulsion=method,
+                                   output_type="np", **extra).images
             seconds.append(time.perf_counter() - t)
             colour, shape = shapes.parse_caption(prompt)
             group = [shapes.read(img) for img in images]
