@@ -62,25 +62,33 @@ def methods(pipe, quick=False):
     return rows
 
 
-def evaluate(pipe, prompts, method, extra, groups=4, seed0=SEED0):
-    """Summary of one method plus its per-batch values (for the paired comparisons)."""
-    batch = {"vendi_free": [], "fidelity": [], "clean": []}
-    readings, vendi_px, seconds = [], [], []
+def read_batches(pipe, prompts, groups=4, seed0=SEED0, **kw):
+    """Yield (images, oracle readings with "faithful" set, seconds) for every caption's `groups` batches
+    of 4; `kw` goes to generate()."""
     for g in range(groups):
         for k, prompt in enumerate(prompts):
             t = time.perf_counter()
-            images = pipe.generate(prompt, n=4, seed=batch_seed(g, k, len(prompts), seed0), repulsion=method,
-                                   output_type="np", **extra).images
-            seconds.append(time.perf_counter() - t)
+            images = pipe.generate(prompt, n=4, seed=batch_seed(g, k, len(prompts), seed0), output_type="np",
+                                   **kw).images
+            seconds = time.perf_counter() - t
             colour, shape = shapes.parse_caption(prompt)
             group = [shapes.read(img) for img in images]
             for r in group:
                 r["faithful"] = r["colour"] == colour and r["shape"] == shape
-            readings += group
-            batch["vendi_free"].append(vendi_score([shapes.free_attributes(r) for r in group]))
-            batch["fidelity"].append(np.mean([r["faithful"] for r in group]))
-            batch["clean"].append(np.mean([r["clean"] for r in group]))
-            vendi_px.append(vendi_score(images.reshape(4, -1) * 2 - 1))
+            yield images, group, seconds
+
+
+def evaluate(pipe, prompts, method, extra, groups=4, seed0=SEED0):
+    """Summary of one method plus its per-batch values (for the paired comparisons)."""
+    batch = {"vendi_free": [], "fidelity": [], "clean": []}
+    readings, vendi_px, seconds = [], [], []
+    for images, group, s in read_batches(pipe, prompts, groups, seed0, repulsion=method, **extra):
+        seconds.append(s)
+        readings += group
+        batch["vendi_free"].append(vendi_score([shapes.free_attributes(r) for r in group]))
+        batch["fidelity"].append(np.mean([r["faithful"] for r in group]))
+        batch["clean"].append(np.mean([r["clean"] for r in group]))
+        vendi_px.append(vendi_score(images.reshape(4, -1) * 2 - 1))
     return dict(vendi_free=float(np.mean(batch["vendi_free"])), vendi_pixels=float(np.mean(vendi_px)),
                 fidelity=float(np.mean(batch["fidelity"])), clean=float(np.mean(batch["clean"])),
                 typical=float(np.mean([all(r.get(a) == v for a, v in shapes.TYPICAL.items()) for r in readings])),

@@ -18,25 +18,17 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mlx_crepulse import Pipeline, Repulsion  # noqa: E402
+from mlx_crepulse import Pipeline, Repulsion, weights  # noqa: E402
+from mlx_crepulse.pipeline import Defaults  # noqa: E402
 from mlx_crepulse.repulsion import ascend  # noqa: E402
 from scripts import evaluate, shapes  # noqa: E402
 
 SELECTION_SEED0 = 800_000  # the seeds the demo's defaults were chosen on (evaluate.py's stay unseen)
 
 
-def readings(pipe, groups=4, seed0=evaluate.SEED0, **kw):
-    """Oracle readings of every caption's batches, seeded as evaluate.py seeds them."""
-    prompts, out = shapes.prompts(), []
-    for g in range(groups):
-        for k, prompt in enumerate(prompts):
-            images = pipe.generate(prompt, n=4, seed=evaluate.batch_seed(g, k, len(prompts), seed0), output_type="np",
-                                   **kw).images
-            colour, shape = shapes.parse_caption(prompt)
-            for r in map(shapes.read, images):
-                r["faithful"] = r["colour"] == colour and r["shape"] == shape
-                out.append(r)
-    return out
+def readings(pipe, **kw):
+    """Oracle readings of every caption's 4 batches, seeded as evaluate.py seeds them."""
+    return [r for _, group, _ in evaluate.read_batches(pipe, shapes.prompts(), **kw) for r in group]
 
 
 def kind(a):
@@ -69,7 +61,8 @@ def clean(pipe):
     base_name, rep_name = list(runs)
     for name, rs in runs.items():
         print(f"{name}: clean {np.mean([r['clean'] for r in rs]):.1%}, faithful {np.mean([r['faithful'] for r in rs]):.1%}")
-    mix = {k: len(v) / len(runs[base_name]) for k, v in tables[base_name].items()}
+    counted = sum(len(v) for v in tables[base_name].values())  # images with an object found
+    mix = {k: len(v) / counted for k, v in tables[base_name].items()}
     for key in ("clean", "faithful"):
         at_mix = sum(w * np.mean([r[key] for r in tables[rep_name][k]]) for k, w in mix.items() if tables[rep_name][k])
         print(f"{rep_name} {key} at the base model's mix of kinds: {at_mix:.1%}")
@@ -100,7 +93,7 @@ class ConditionalOnly(Repulsion):
 def variants(pipe):
     """Hook variants against the base model, paired, on the seeds the defaults were chosen on. The
     bundled demo's repulsion settings whatever the model, so that two models are compared alike."""
-    d = Pipeline.from_pretrained("demo").defaults
+    d = Defaults.for_model(weights.DEMO_DIR, weights.read_json(weights.DEMO_DIR / "transformer" / "config.json"))
     rep = lambda s, cls=Repulsion, **kw: cls(scale=s, iterations=d.repulsion_iterations, steps=d.repulsion_steps, **kw)
     rows = [("base", None), ("all blocks 6.25e3", rep(6.25e3)), ("all blocks 2.5e4", rep(2.5e4)),
             ("conditional only 2.5e4", rep(2.5e4, ConditionalOnly)),
