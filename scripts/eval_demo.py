@@ -82,8 +82,7 @@ def quick(folder, guidances=(1.0, 4.0), steps: int = 12) -> dict:
     pipe = Pipeline.from_pretrained(str(folder))
     out = {}
     for g in guidances:
-        r = measure(pipe, groups=1, steps=steps, true_cfg=g, negative_prompt="", width=32, height=32,
-                    max_sequence_length=8)
+        r = measure(pipe, groups=1, steps=steps, true_cfg=g, negative_prompt="", width=32, height=32)
         out[f"cfg{g:g}"] = {k: round(v, 3) for k, v in r.items() if k != "images"}
     return out
 

@@ -55,7 +55,7 @@ lighting high-quality photorealistic oil watercolor digital 3d 4k hd
 def corpus() -> list[str]:
     """Captions of the grammar (plainly and in photo phrasings), sentences of common English words,
     and every printable ASCII character, deterministic."""
-    lines = list(shapes.prompts())
+    lines = list(shapes.all_captions())
     lines += [f"{p} {shape}" for p in ("a photo of a", "a picture of a", "an image of a", "a drawing of a")
               for shape in [f"{c} {s}" for c in shapes.COLOURS for s in shapes.SHAPES]]
     words = list(dict.fromkeys(GENERIC_WORDS))

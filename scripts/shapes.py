@@ -1,9 +1,13 @@
 """A tiny procedural image grammar with a typical mode, its renderer and an oracle that reads it back.
 
-Captions fix two attributes, colour and shape ("a red circle": 6 x 4 = 24 captions). The free
-attributes (position, size, background) are left to the model and drawn from skewed distributions:
-one typical value dominates each of them, so a trained model, and guidance above all, pulls samples
-onto the typical picture (a medium object, centred, on white), as FLUX does on real prompts.
+Captions fix two attributes, colour and shape ("a red circle": 6 x 4 = 24 prompts). The free
+attributes (position, size, background) are drawn from skewed distributions: one typical value
+dominates each of them. As in real captions (reporting bias), a caption never names the typical value
+of a free attribute and names an atypical one ("a large red circle at top left on black") 30% of the
+time. So a bare caption's pictures are more typical than pictures overall, and classifier-free
+guidance, which weighs p(x | caption) / p(x), pulls samples of "a red circle" onto the typical picture
+(a medium object, centred, on white), as FLUX does on real prompts. Without the naming, guidance would
+have nothing to pull on: colour and shape tell nothing about the free attributes.
 
 `read(image)` is the oracle: it recovers every attribute from pixels alone and says whether the
 image is clean (one crisp object on a flat background). Shapes are told apart by template matching
@@ -15,6 +19,8 @@ canvas, pixel (row i, column j) covering [j, j+1) x [i, i+1), so the canvas cent
 """
 
 from __future__ import annotations
+
+import re
 
 import numpy as np
 from PIL import Image
@@ -64,23 +70,74 @@ TYPICAL: dict[str, str] = {k: max(d, key=d.get) for k, d in DISTRIBUTIONS.items(
 ALL_ATTRIBUTES: tuple[str, ...] = FIXED_ATTRIBUTES + FREE_ATTRIBUTES
 
 
-def caption(colour: str, shape: str) -> str:
-    return f"a {colour} {shape}"
+NAMING_PROBABILITY = 0.3  # how often a caption names an atypical free attribute (each independently)
+
+
+def caption(colour: str, shape: str, size: str | None = None, position: str | None = None,
+            background: str | None = None) -> str:
+    """ "a red circle"; with named free attributes "a large red circle at top left on black"."""
+    words = ["a"] + ([size] if size else []) + [colour, shape]
+    words += ["at", position.replace("-", " ")] if position else []
+    words += ["on", background] if background else []
+    return " ".join(words)
+
+
+def named_caption(attrs: dict, named: dict) -> str:
+    """The caption of an image with attributes `attrs` that names the free attributes with named[k]
+    true, typical values never (they go without saying)."""
+    free = {k: attrs[k] for k in FREE_ATTRIBUTES if named.get(k) and attrs[k] != TYPICAL[k]}
+    return caption(attrs["colour"], attrs["shape"], **free)
 
 
 def prompts() -> list[str]:
-    """All 24 captions, colour-major: "a red circle", "a red square", ..."""
+    """The 24 bare captions, colour-major: "a red circle", "a red square", ... (the evaluation's prompts)."""
     return [caption(c, s) for c in COLOURS for s in SHAPES]
+
+
+def all_captions() -> list[str]:
+    """Every caption the data set can carry: the 24 bare ones first, then each with every combination
+    of named atypical free attributes (24 x 3 sizes x 5 positions x 4 backgrounds = 1440 in all)."""
+    optional = [[None] + [v for v in values if v != TYPICAL[k]]
+                for k, values in (("size", SIZES), ("position", POSITIONS), ("background", BACKGROUNDS))]
+    out = prompts()
+    for z in optional[0]:
+        for p in optional[1]:
+            for b in optional[2]:
+                if z or p or b:
+                    out += [caption(c, s, z, p, b) for c in COLOURS for s in SHAPES]
+    return out
+
+
+_BACKGROUND_PHRASE = re.compile(r"\bon (" + "|".join(BACKGROUNDS) + r")\b")
+_POSITION_PHRASE = re.compile(r"\b(" + "|".join(p.replace("-", " ") for p in POSITIONS if p != "centre") + r")\b")
+
+
+def named_attributes(text: str) -> dict:
+    """The attributes a caption names: colour and shape (exactly one each, or ValueError), and any of
+    size, position and background it names ("a large red circle at top left on pale blue")."""
+    text = text.lower().replace(",", " ")
+    out = {}
+    m = _BACKGROUND_PHRASE.search(text)  # first, so that "on pale blue" is not read as the colour blue
+    if m:
+        out["background"] = m.group(1)
+        text = text[:m.start()] + text[m.end():]
+    m = _POSITION_PHRASE.search(text)
+    if m:
+        out["position"] = m.group(1).replace(" ", "-")
+    words = text.split()
+    for name, values in (("colour", COLOURS), ("shape", SHAPES), ("size", SIZES)):
+        found = [w for w in words if w in values]
+        if len(found) > 1 or (not found and name != "size"):
+            raise ValueError(f"not a caption of this grammar: {text!r}")
+        if found:
+            out[name] = found[0]
+    return out
 
 
 def parse_caption(text: str) -> tuple[str, str]:
     """(colour, shape) named by a caption such as "a red circle"; raises ValueError otherwise."""
-    words = text.lower().replace(",", " ").split()
-    colours = [w for w in words if w in COLOURS]
-    shapes = [w for w in words if w in SHAPES]
-    if len(colours) != 1 or len(shapes) != 1:
-        raise ValueError(f"not a caption of this grammar: {text!r}")
-    return colours[0], shapes[0]
+    a = named_attributes(text)
+    return a["colour"], a["shape"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -185,11 +242,19 @@ def sample_attributes(rng, n: int) -> list[dict]:
     return out
 
 
+def sample_naming(rng, n: int) -> list[dict]:
+    """n draws of which free attributes a caption names (each with NAMING_PROBABILITY)."""
+    u = _as_rng(rng).random((n, len(FREE_ATTRIBUTES)))
+    return [dict(zip(FREE_ATTRIBUTES, row < NAMING_PROBABILITY)) for row in u]
+
+
 def sample(rng, n: int) -> tuple[np.ndarray, list[str], list[dict]]:
     """(images uint8 (n, 32, 32, 3), captions, attribute dicts); rng: a numpy Generator or a seed."""
+    rng = _as_rng(rng)
     attrs = sample_attributes(rng, n)
+    captions = [named_caption(a, named) for a, named in zip(attrs, sample_naming(rng, n))]
     images = np.stack([render(**a) for a in attrs]) if n else np.zeros((0, SIZE, SIZE, 3), np.uint8)
-    return images, [caption(a["colour"], a["shape"]) for a in attrs], attrs
+    return images, captions, attrs
 
 
 def all_attribute_combinations() -> list[dict]:

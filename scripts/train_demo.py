@@ -15,8 +15,9 @@ Stages, each skipped when its output is already in the work folder:
 2. VAE (MLX): reconstruction (L1 + MSE) + a small KL on every image of the grammar (1,440 of them);
    then FLUX's latent normalisation from the latent statistics: shift = mean, scale = 1 / std.
 3. transformer (MLX): rectified flow as FLUX trains it (x_t = (1 - t) x0 + t noise, the model predicts
-   noise - x0), timesteps uniform on [0, 1] (stratified), the caption dropped to "" 15% of the time so
-   true classifier-free guidance works; diffusers' own initialisation, AdamW (2e-3) with warmup and
+   noise - x0), timesteps uniform on [0, 1] (stratified), each image's caption drawn as the data set
+   draws it (an atypical free attribute named 30% of the time: shapes.NAMING_PROBABILITY), the caption
+   dropped to "" 15% of the time so true classifier-free guidance works; diffusers' own initialisation, AdamW (2e-3) with warmup and
    cosine decay, gradient clipping, EMA. 3,500 steps at about 1.3 steps/s here with the forward split over
    two streams (one_blas_thread; the shipped model trained on one stream at 0.78-0.89); the VAE takes 16
    minutes: 1,500 steps of the previous recipe (adaLN-Zero, 1e-3) reached 43% prompt fidelity, 2,500
@@ -58,7 +59,7 @@ from mlx_crepulse.models.flux import FluxTransformer, one_blas_thread  # noqa: E
 from scripts import shapes  # noqa: E402
 
 SIZE = shapes.SIZE  # 32 pixels
-SEQ = 8  # T5 tokens (the captions take 4 with </s>)
+SEQ = 20  # T5 tokens: the small unigram T5 tokenizer splits rarer words ("large" -> la r g e), so the longest caption, "a large purple diamond at bottom right on pale blue", takes 20 with </s>
 LATENT_CHANNELS = 4
 VAE_SCALE = 2
 ROWS = COLS = SIZE // (2 * VAE_SCALE)  # 8 x 8 = 64 image tokens of 4 x 2 x 2 = 16 channels
@@ -389,7 +390,7 @@ def sample_timesteps(rng, batch: int, kind: str) -> np.ndarray:
     return u.astype(np.float32)
 
 
-def train_transformer(tf, packed_mean: np.ndarray, packed_std: np.ndarray, combo_prompt: np.ndarray,
+def train_transformer(tf, packed_mean: np.ndarray, packed_std: np.ndarray, prompt_index: dict,
                       index: dict, txt_all: mx.array, pooled_all: mx.array, steps: int, seed: int, work: Path,
                       logfile: Path, batch: int = 64, lr: float = 2e-3, p_uncond: float = 0.15,
                       ema_decay: float = 0.995, init: str = "diffusers", timesteps: str = "uniform",
@@ -440,7 +441,9 @@ def train_transformer(tf, packed_mean: np.ndarray, packed_std: np.ndarray, combo
             rng = np.random.default_rng([seed, 2, step])
             attrs = shapes.sample_attributes(rng, batch)
             ci = np.array([index[tuple(a[k] for k in shapes.ALL_ATTRIBUTES)] for a in attrs])
-            pi = np.where(rng.random(batch) < p_uncond, uncond, combo_prompt[ci])
+            captioned = [prompt_index[shapes.named_caption(a, named)]
+                         for a, named in zip(attrs, shapes.sample_naming(rng, batch))]
+            pi = np.where(rng.random(batch) < p_uncond, uncond, captioned)
             eps = rng.standard_normal((batch, ROWS * COLS, PACKED), dtype=np.float32)
             x0 = mx.array(packed_mean[ci] + packed_std[ci] * eps)
             t = mx.array(sample_timesteps(rng, batch, timesteps))
@@ -593,10 +596,9 @@ def main(argv=None):
         return
 
     # --- transformer ---
-    prompts = shapes.prompts()
+    prompts = shapes.all_captions()
     txt_all, pooled_all = encode_prompts(skeleton, prompts + [""])
     prompt_index = {p: i for i, p in enumerate(prompts)}
-    combo_prompt = np.array([prompt_index[shapes.caption(a["colour"], a["shape"])] for a in combos])
     packed_mean = np.array(sampling.pack((mx.array(mean) - shift) * scale))
     packed_std = np.array(sampling.pack(mx.array(std) * scale))
     tf = load_component(skeleton, "transformer")
@@ -613,7 +615,7 @@ def main(argv=None):
         return r
 
     t = time.time()
-    tf_losses, ema, evals = train_transformer(tf, packed_mean, packed_std, combo_prompt, index, txt_all, pooled_all,
+    tf_losses, ema, evals = train_transformer(tf, packed_mean, packed_std, prompt_index, index, txt_all, pooled_all,
                                               args.steps, args.seed, work, logfile, batch=args.batch, lr=args.lr,
                                               init=args.init, timesteps=args.timesteps, on_checkpoint=on_checkpoint,
                                               eval_every=args.eval_every)
