@@ -71,10 +71,13 @@ def measure(pipe, prompts=None, groups: int = 4, **kw) -> dict:
 
 def data_vendi(groups: int = 4000, n: int = 4, seed: int = 0) -> dict:
     """The grammar's own statistics for groups of n drawn from the training distribution."""
-    attrs = shapes.sample_attributes(seed, groups * n)
-    v = [vendi_score([shapes.free_attributes(a) for a in attrs[i * n:(i + 1) * n]]) for i in range(groups)]
-    typical = np.mean([all(a[k] == shapes.TYPICAL[k] for k in shapes.FREE_ATTRIBUTES) for a in attrs])
-    return {"vendi": float(np.mean(v)), "typical": float(typical)}
+    out = {}
+    for name, attrs in (("all captions", shapes.sample_attributes(seed, groups * n)),
+                        ("bare captions", shapes.bare_caption_attributes(seed, 2 * groups * n)[:groups * n])):
+        v = [vendi_score([shapes.free_attributes(a) for a in attrs[i * n:(i + 1) * n]]) for i in range(groups)]
+        typical = np.mean([all(a[k] == shapes.TYPICAL[k] for k in shapes.FREE_ATTRIBUTES) for a in attrs])
+        out[name] = {"vendi": float(np.mean(v)), "typical": float(typical)}
+    return out
 
 
 def quick(folder, guidances=(1.0, 4.0), steps: int = 12) -> dict:

@@ -248,6 +248,14 @@ def sample_naming(rng, n: int) -> list[dict]:
     return [dict(zip(FREE_ATTRIBUTES, row < NAMING_PROBABILITY)) for row in u]
 
 
+def bare_caption_attributes(rng, n: int) -> list[dict]:
+    """The attributes of those of n data-set draws whose caption is bare ("a red circle"): the data's
+    own answer to what "a red circle" looks like, more typical than the data overall."""
+    rng = _as_rng(rng)
+    attrs = sample_attributes(rng, n)
+    return [a for a, named in zip(attrs, sample_naming(rng, n)) if named_caption(a, named) == caption(a["colour"], a["shape"])]
+
+
 def sample(rng, n: int) -> tuple[np.ndarray, list[str], list[dict]]:
     """(images uint8 (n, 32, 32, 3), captions, attribute dicts); rng: a numpy Generator or a seed."""
     rng = _as_rng(rng)

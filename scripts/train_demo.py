@@ -510,18 +510,18 @@ def write_weights(folder: Path, tf, vae, shift: float, scale: float):
 
 
 # The demo's own defaults (crepulse.json), chosen by measuring the trained model on seeds that
-# scripts/evaluate.py does not use (README, "Results on the demo model"): true CFG 4; repulsion in the first
-# two steps (in the first step only, 1e5..6.4e6 gained 11-15% Vendi; in two, 2.5e4..4e5 gained 30-38% for
-# 2-3 points of fidelity) at 6.25e3..1e5, so that --diversity 0.5 is 2.5e4.
+# scripts/evaluate.py does not use (800000 on, 48 batches; README, "Results on the demo model"): true CFG 4;
+# repulsion in the first step (in two, 8.8e3 gained 20% Vendi for 3.1 points of fidelity and 1.25e4 36% for
+# 4.7; in one, 2.5e4 gained 20% for 1.6 and 1e5 36% for 3.6) at 1.25e4..1e5, so that --diversity 0.5 is 3.5e4.
 DEFAULTS = {
     "width": SIZE, "height": SIZE, "max_sequence_length": SEQ,
     "steps": 12,
     "guidance": None,  # no guidance embedding: true classifier-free guidance against the empty prompt
     "true_cfg": 4.0,
     "negative_prompt": "",
-    "repulsion_scale_range": [6.25e3, 1e5],
+    "repulsion_scale_range": [1.25e4, 1e5],
     "repulsion_iterations": 50,
-    "repulsion_steps": 2,
+    "repulsion_steps": 1,
 }
 
 SHIPPED = ("model_index.json", "crepulse.json", "scheduler", "tokenizer", "tokenizer_2", "text_encoder",

@@ -69,8 +69,10 @@ def clean(pipe):
 
 
 def guidance(pipe):
-    """Shares of every free attribute's values: the data's, then the model's at true CFG 1 and its default."""
-    rows = [("data", shapes.sample_attributes(0, 20000))]
+    """Shares of every free attribute's values: the data's (all of it, and the images whose caption names
+    nothing but colour and shape, as the evaluation's prompts), then the model's at true CFG 1 and its default."""
+    rows = [("data, all captions", shapes.sample_attributes(0, 20000)),
+            ("data, bare captions", shapes.bare_caption_attributes(0, 20000))]
     for cfg in (1.0, pipe.defaults.true_cfg):
         rows.append((f"CFG {cfg:g}", readings(pipe, true_cfg=cfg)))
     for name, rs in rows:
@@ -78,7 +80,7 @@ def guidance(pipe):
         for a in shapes.FREE_ATTRIBUTES:
             c = collections.Counter(r[a] for r in rs)
             parts.append(", ".join(f"{v} {c[v] / len(rs):.0%}" for v in shapes.DISTRIBUTIONS[a]))
-        print(f"{name:7s} " + " | ".join(parts))
+        print(f"{name:19s} " + " | ".join(parts))
 
 
 class ConditionalOnly(Repulsion):
@@ -95,9 +97,11 @@ def variants(pipe):
     bundled demo's repulsion settings whatever the model, so that two models are compared alike."""
     d = Defaults.for_model(weights.DEMO_DIR, weights.read_json(weights.DEMO_DIR / "transformer" / "config.json"))
     rep = lambda s, cls=Repulsion, **kw: cls(scale=s, iterations=d.repulsion_iterations, steps=d.repulsion_steps, **kw)
-    rows = [("base", None), ("all blocks 6.25e3", rep(6.25e3)), ("all blocks 2.5e4", rep(2.5e4)),
-            ("conditional only 2.5e4", rep(2.5e4, ConditionalOnly)),
-            ("double blocks 2.5e4", rep(2.5e4, blocks="double")), ("double blocks 1e5", rep(1e5, blocks="double"))]
+    lo, hi = d.repulsion_scale_range
+    mid = (lo * hi) ** 0.5  # the recommended scale, --diversity 0.5
+    rows = [("base", None), (f"all blocks {lo:.3g}", rep(lo)), (f"all blocks {mid:.3g}", rep(mid)),
+            (f"conditional only {mid:.3g}", rep(mid, ConditionalOnly)),
+            (f"double blocks {mid:.3g}", rep(mid, blocks="double")), (f"double blocks {hi:.3g}", rep(hi, blocks="double"))]
     results = [(label, evaluate.evaluate(pipe, shapes.prompts(), m, {}, groups=2, seed0=SELECTION_SEED0))
                for label, m in rows]
     for label, r in results[1:]:

@@ -11,6 +11,7 @@ from PIL import Image, ImageFilter
 
 from scripts import make_tokenizers as mt
 from scripts import shapes as S
+from scripts import train_demo
 
 
 def _attrs_read(r):
@@ -81,6 +82,28 @@ def test_grammar_and_distributions_are_well_formed():
     assert d_ff.min() > 90 and np.linalg.norm(fg[:, None] - bg[None], axis=-1).min() > 120 and d_bb.min() > 80
 
 
+def test_captions_name_only_atypical_free_attributes_and_parse_back():
+    """all_captions: the 24 bare prompts first, then 1440 distinct captions in all (24 x 3 x 5 x 4: each
+    free attribute unnamed or one of its atypical values); every caption parses back to what built it,
+    "on pale blue" included (not read as the colour blue); named_caption never names a typical value;
+    text outside the grammar is refused."""
+    cs = S.all_captions()
+    assert cs[:24] == S.prompts() and len(cs) == 1440 == len(set(cs))
+    for c in cs:
+        a = S.named_attributes(c)
+        assert S.caption(a.pop("colour"), a.pop("shape"), **a) == c
+        assert all(v != S.TYPICAL[k] for k, v in a.items())
+    assert S.named_attributes("a blue diamond at top right on pale blue") == {
+        "colour": "blue", "shape": "diamond", "position": "top-right", "background": "pale blue"}
+    typical = dict(colour="red", shape="circle", **S.TYPICAL)
+    assert S.named_caption(typical, {k: True for k in S.FREE_ATTRIBUTES}) == "a red circle"
+    odd = dict(colour="red", shape="circle", size="large", position="bottom-left", background="grey")
+    assert S.named_caption(odd, {"size": True, "position": False, "background": True}) == "a large red circle on grey"
+    for bad in ("a red blue circle", "a red", "a large small red circle", ""):
+        with pytest.raises(ValueError):
+            S.named_attributes(bad)
+
+
 def test_render_is_deterministic_antialiased_and_in_bounds():
     """render gives uint8 (32, 32, 3), the same bytes every call, a background-coloured border
     (objects never touch the edge), and antialiased edges (intermediate values on a circle)."""
@@ -97,10 +120,19 @@ def test_render_is_deterministic_antialiased_and_in_bounds():
 def test_sample_shows_the_skewed_distributions():
     """Over 2000 draws of `sample`, colours and shapes are near uniform and each free attribute's
     value frequencies are within 0.04 of DISTRIBUTIONS, typical values included; captions name the
-    drawn colour and shape, and the images are those attributes rendered."""
+    drawn colour and shape, name only attributes the image has, and name an atypical free attribute
+    NAMING_PROBABILITY of the time (within 0.05); the images are those attributes rendered. The bare
+    captions' images are more typical than the data overall (what guidance pulls on)."""
     images, captions, attrs = S.sample(np.random.default_rng(0), 2000)
     assert images.shape == (2000, 32, 32, 3) and images.dtype == np.uint8
-    assert all(c == S.caption(a["colour"], a["shape"]) for c, a in zip(captions, attrs))
+    named = [S.named_attributes(c) for c in captions]
+    assert all(all(a[k] == v for k, v in n.items()) for n, a in zip(named, attrs))
+    for k in S.FREE_ATTRIBUTES:
+        atypical = [k in n for n, a in zip(named, attrs) if a[k] != S.TYPICAL[k]]
+        assert abs(np.mean(atypical) - S.NAMING_PROBABILITY) < 0.05, (k, np.mean(atypical))
+    bare = S.bare_caption_attributes(0, 4000)
+    for k in S.FREE_ATTRIBUTES:
+        assert np.mean([a[k] == S.TYPICAL[k] for a in bare]) > S.DISTRIBUTIONS[k][S.TYPICAL[k]] + 0.05
     for i in (0, 1, 1999):
         assert np.array_equal(images[i], S.render(**attrs[i]))
     for name, dist in S.DISTRIBUTIONS.items():
@@ -279,9 +311,9 @@ def test_clip_tokenizer_files_load_and_agree_with_clip_bpe(tokenizer_dirs):
     for text in mt.corpus() + EXTRA_PROMPTS:
         ids = reference(text)
         assert slow(text)["input_ids"] == ids == fast(text)["input_ids"], text
-    for caption in S.prompts():
-        assert slow.decode(slow(caption)["input_ids"], skip_special_tokens=True) == caption
-        assert len(slow.tokenize(caption)) == 3  # the grammar's words are single tokens
+    for caption in S.all_captions():
+        assert fast.decode(fast(caption)["input_ids"], skip_special_tokens=True) == caption
+        assert len(fast.tokenize(caption)) == len(caption.split())  # the grammar's words are single tokens
     batch = slow(["a red circle", "a photo of a cat " * 30], padding="max_length", max_length=77,
                  truncation=True, return_tensors="np")
     ids = batch["input_ids"]
@@ -308,8 +340,10 @@ def test_t5_tokenizer_files_load_and_agree_with_sentencepiece(tokenizer_dirs):
         ids = sp.encode(text) + [1]
         assert slow(text)["input_ids"] == ids == fast(text)["input_ids"], text
     assert 2 in fast("猫 🐱")["input_ids"]
-    for caption in S.prompts():
+    for caption in S.all_captions():
         assert fast.decode(fast(caption)["input_ids"], skip_special_tokens=True) == caption
+    # the demo's T5 length holds every caption whole (training never truncates one)
+    assert max(len(fast(c)["input_ids"]) for c in S.all_captions()) <= train_demo.SEQ
     batch = fast(["a red circle", "a photo of a cat " * 30], padding="max_length", max_length=32,
                  truncation=True, return_tensors="np")
     ids = batch["input_ids"]
