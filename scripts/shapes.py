@@ -248,19 +248,23 @@ def sample_naming(rng, n: int) -> list[dict]:
     return [dict(zip(FREE_ATTRIBUTES, row < NAMING_PROBABILITY)) for row in u]
 
 
+def sample_captions(rng, n: int) -> tuple[list[dict], list[str]]:
+    """n data-set draws without pixels: (attribute dicts, their captions as the data set words them)."""
+    rng = _as_rng(rng)
+    attrs = sample_attributes(rng, n)
+    return attrs, [named_caption(a, named) for a, named in zip(attrs, sample_naming(rng, n))]
+
+
 def bare_caption_attributes(rng, n: int) -> list[dict]:
     """The attributes of those of n data-set draws whose caption is bare ("a red circle"): the data's
     own answer to what "a red circle" looks like, more typical than the data overall."""
-    rng = _as_rng(rng)
-    attrs = sample_attributes(rng, n)
-    return [a for a, named in zip(attrs, sample_naming(rng, n)) if named_caption(a, named) == caption(a["colour"], a["shape"])]
+    attrs, captions = sample_captions(rng, n)
+    return [a for a, c in zip(attrs, captions) if c == caption(a["colour"], a["shape"])]
 
 
 def sample(rng, n: int) -> tuple[np.ndarray, list[str], list[dict]]:
     """(images uint8 (n, 32, 32, 3), captions, attribute dicts); rng: a numpy Generator or a seed."""
-    rng = _as_rng(rng)
-    attrs = sample_attributes(rng, n)
-    captions = [named_caption(a, named) for a, named in zip(attrs, sample_naming(rng, n))]
+    attrs, captions = sample_captions(rng, n)
     images = np.stack([render(**a) for a in attrs]) if n else np.zeros((0, SIZE, SIZE, 3), np.uint8)
     return images, captions, attrs
 

@@ -17,11 +17,11 @@ Stages, each skipped when its output is already in the work folder:
 3. transformer (MLX): rectified flow as FLUX trains it (x_t = (1 - t) x0 + t noise, the model predicts
    noise - x0), timesteps uniform on [0, 1] (stratified), each image's caption drawn as the data set
    draws it (an atypical free attribute named 30% of the time: shapes.NAMING_PROBABILITY), the caption
-   dropped to "" 15% of the time so true classifier-free guidance works; diffusers' own initialisation, AdamW (2e-3) with warmup and
-   cosine decay, gradient clipping, EMA. 3,500 steps at about 1.3 steps/s here with the forward split over
-   two streams (one_blas_thread; the shipped model trained on one stream at 0.78-0.89); the VAE takes 16
-   minutes: 1,500 steps of the previous recipe (adaLN-Zero, 1e-3) reached 43% prompt fidelity, 2,500
-   steps of this one 85%, 3,500 steps 92% (README).
+   dropped to "" 15% of the time so true classifier-free guidance works; diffusers' own initialisation,
+   AdamW (2e-3) with warmup and cosine decay, gradient clipping, EMA. 3,500 steps at 0.98 steps/s here
+   (with the 8 progress checks; the forward split over two streams, one_blas_thread), 60 minutes; the
+   VAE takes 11.5. On captions without naming, 1,500 steps of the previous recipe (adaLN-Zero, 1e-3)
+   reached 43% prompt fidelity, 2,500 steps of this one 85%, 3,500 steps 92%; with naming, 98% (README).
    MLX's CPU build computes exp and tanh slowly, so during training only (VAE and transformer), the
    tanh GELU and SiLU run through a rational approximation of tanh accurate to 4e-7, several times
    faster (the shipped model is run by the engine's own activations).
@@ -59,7 +59,9 @@ from mlx_crepulse.models.flux import FluxTransformer, one_blas_thread  # noqa: E
 from scripts import shapes  # noqa: E402
 
 SIZE = shapes.SIZE  # 32 pixels
-SEQ = 20  # T5 tokens: the small unigram T5 tokenizer splits rarer words ("large" -> la r g e), so the longest caption, "a large purple diamond at bottom right on pale blue", takes 20 with </s>
+# T5 tokens: the small unigram T5 tokenizer splits some words into letters ("large" -> la r g e), so the
+# longest caption, "a large purple diamond at bottom right on pale blue", takes 20 with </s>
+SEQ = 20
 LATENT_CHANNELS = 4
 VAE_SCALE = 2
 ROWS = COLS = SIZE // (2 * VAE_SCALE)  # 8 x 8 = 64 image tokens of 4 x 2 x 2 = 16 channels
@@ -439,11 +441,9 @@ def train_transformer(tf, packed_mean: np.ndarray, packed_std: np.ndarray, promp
     with fast_activations(), one_blas_thread():
         for step in range(start, steps):
             rng = np.random.default_rng([seed, 2, step])
-            attrs = shapes.sample_attributes(rng, batch)
+            attrs, captions = shapes.sample_captions(rng, batch)
             ci = np.array([index[tuple(a[k] for k in shapes.ALL_ATTRIBUTES)] for a in attrs])
-            captioned = [prompt_index[shapes.named_caption(a, named)]
-                         for a, named in zip(attrs, shapes.sample_naming(rng, batch))]
-            pi = np.where(rng.random(batch) < p_uncond, uncond, captioned)
+            pi = np.where(rng.random(batch) < p_uncond, uncond, [prompt_index[c] for c in captions])
             eps = rng.standard_normal((batch, ROWS * COLS, PACKED), dtype=np.float32)
             x0 = mx.array(packed_mean[ci] + packed_std[ci] * eps)
             t = mx.array(sample_timesteps(rng, batch, timesteps))

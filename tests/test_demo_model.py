@@ -104,17 +104,15 @@ def test_follows_named_free_attributes(pipe):
     attribute), the oracle reads the named value in at least 60% of 24 images, where the same colour
     and shape without it give that value in at most 25% (the bare captions pull to the typical
     picture). Measured at shipping: 24/24 named against 0/24 bare."""
-    named = bare = total = 0
+    def hits(text, seed, attribute, value):
+        return sum(shapes.read(im)[attribute] == value
+                   for im in pipe.generate(text, n=4, seed=seed, output_type="np").images)
+
+    named = bare = 0
     for k, (prompt, attribute, value) in enumerate(NAMED):
-        colour, shape = shapes.parse_caption(prompt)
-        for text, counter in ((prompt, "named"), (shapes.caption(colour, shape), "bare")):
-            images = pipe.generate(text, n=4, seed=91000 + 4 * k, output_type="np").images
-            hits = sum(shapes.read(im)[attribute] == value for im in images)
-            if counter == "named":
-                named += hits
-                total += len(images)
-            else:
-                bare += hits
+        named += hits(prompt, 91000 + 4 * k, attribute, value)
+        bare += hits(shapes.caption(*shapes.parse_caption(prompt)), 91000 + 4 * k, attribute, value)
+    total = 4 * len(NAMED)
     print(f"named value read back: {named}/{total} when named, {bare}/{total} when not")
     assert named / total >= 0.6 and bare / total <= 0.25
 
