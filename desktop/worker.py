@@ -30,7 +30,7 @@ import numpy as np
 from PySide6.QtCore import QObject, QThread, Signal, Slot
 from PySide6.QtGui import QImage
 
-from mlx_crepulse import Blend, Cancelled, Pipeline, Repulsion, WeightsError, metadata, mix_noise
+from mlx_crepulse import Blend, Cancelled, Pipeline, WeightsError, metadata, mix_noise
 
 
 @dataclass
@@ -73,15 +73,6 @@ class Job:
     @property
     def model_key(self):
         return (self.source, self.quantize, self.low_memory)
-
-
-def repulsion_for(diversity: float, defaults, reference=None) -> Repulsion:
-    """The diversity knob (0 = the low end of the model's recommended scale range, 1 = the high end,
-    log scale, as the CLI maps --diversity) -> a Repulsion."""
-    lo, hi = defaults.repulsion_scale_range
-    d = min(max(float(diversity), 0.0), 1.0)
-    return Repulsion(scale=float(f"{lo * (hi / lo) ** d:.3g}"), iterations=defaults.repulsion_iterations,
-                     steps=defaults.repulsion_steps, reference=reference)
 
 
 def to_qimages(pixels: np.ndarray) -> list:
@@ -157,7 +148,7 @@ class _Runner(QObject):
             if job.reference is not None:
                 repulsion.reference = job.reference
         elif job.diversity is not None or job.reference is not None:
-            repulsion = repulsion_for(job.diversity or 0.0, d, job.reference)
+            repulsion = d.repulsion(job.diversity or 0.0, reference=job.reference)
         latents = None
         if job.noise is not None:
             latents = np.stack([self._noise(pipe, spec, width, height) for spec in job.noise]).astype(np.float32)

@@ -369,7 +369,7 @@ def _parse_blocks(text):
 
 def _build_method(spec, defaults, opts, seed):
     """The diversity method object: from a recipe's dict, or from --method/--diversity/--repulsion-*."""
-    from .repulsion import CADS, ParticleGuidance, Repulsion
+    from .repulsion import CADS, ParticleGuidance
 
     kind, s = spec
     if kind == "recipe":
@@ -378,12 +378,8 @@ def _build_method(spec, defaults, opts, seed):
         return None
     d = s["diversity"]
     if kind == "contextual":
-        lo, hi = defaults.repulsion_scale_range
-        scale = s["scale"] if s["scale"] is not None else float(f"{lo * (hi / lo) ** d:.3g}")
-        return Repulsion(scale=scale,
-                         iterations=s["iterations"] if s["iterations"] is not None else defaults.repulsion_iterations,
-                         steps=s["steps"] if s["steps"] is not None else defaults.repulsion_steps,
-                         blocks=s["blocks"])
+        given = {k: s[k] for k in ("scale", "iterations", "steps") if s[k] is not None}
+        return defaults.repulsion(d, blocks=s["blocks"], **given)
     width, height = opts["width"] or defaults.width, opts["height"] or defaults.height
     if kind == "particle":
         return ParticleGuidance(scale=float(f"{d * PARTICLE_SCALE:.3g}"))

@@ -17,7 +17,7 @@ import numpy as np
 from . import sampling, weights
 from .models import autoencoder, clip, t5
 from .models.flux import FluxTransformer
-from .repulsion import Blend, Method, signature
+from .repulsion import Blend, Method, Repulsion, signature
 from .tokenizer import Tokenizer
 
 __version__ = "0.1.0"
@@ -56,6 +56,19 @@ class Defaults:
             d = cls(**{**d.__dict__, **known})
         d.repulsion_scale_range = tuple(d.repulsion_scale_range)
         return d
+
+    def repulsion_scale(self, diversity: float) -> float:
+        """The diversity knob -> a repulsion scale, log scale over `repulsion_scale_range`: 0 its low end,
+        0.5 its geometric middle (the recommended scale), 1 its high end, past 1 extrapolated; 3 significant
+        digits, as recipes record it."""
+        lo, hi = self.repulsion_scale_range
+        return float(f"{lo * (hi / lo) ** float(diversity):.3g}")
+
+    def repulsion(self, diversity: float = 0.5, **overrides) -> Repulsion:
+        """Contextual repulsion at a diversity, with this model's iterations and repelled steps
+        (`overrides`: any other Repulsion field, e.g. blocks or reference)."""
+        return Repulsion(**{"scale": self.repulsion_scale(diversity), "iterations": self.repulsion_iterations,
+                            "steps": self.repulsion_steps, **overrides})
 
 
 @dataclass

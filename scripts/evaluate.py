@@ -31,7 +31,7 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mlx_crepulse import CADS, ParticleGuidance, Pipeline, Repulsion, vendi_score  # noqa: E402
+from mlx_crepulse import CADS, ParticleGuidance, Pipeline, vendi_score  # noqa: E402
 from scripts import shapes  # noqa: E402
 
 SEED0 = 900_000  # far from every seed the tests use
@@ -45,20 +45,17 @@ def batch_seed(group: int, caption: int, captions: int, base: int = SEED0) -> in
 def methods(pipe, quick=False):
     """(family, label, method or None, extra generate() arguments) for every row of the table."""
     d = pipe.defaults
-    lo, hi = d.repulsion_scale_range
-    mid = (lo * hi) ** 0.5
-    contextual = [lo, mid, hi] if quick else [lo, mid, hi, hi * (hi / mid)]
+    # the diversity knob at 0, 0.5 (recommended) and 1, and half as far again past the range (1.5)
+    contextual = [d.repulsion(x) for x in ((0.0, 0.5, 1.0) if quick else (0.0, 0.5, 1.0, 1.5))]
     rows = [("base", "base", None, {}), ("guidance 1", "base, guidance 1", None, {"true_cfg": 1.0})]
-    for s in contextual:
-        rows.append(("contextual", f"contextual {s:.3g}",
-                     Repulsion(scale=s, iterations=d.repulsion_iterations, steps=d.repulsion_steps, blocks="all"), {}))
+    for rep in contextual:
+        rows.append(("contextual", f"contextual {rep.scale:.3g}", rep, {}))
     for s in ([0.1, 0.3, 1.0] if quick else [0.1, 0.3, 1.0, 3.0]):
         rows.append(("particle", f"particle {s:g}", ParticleGuidance(scale=float(s)), {}))
     for s in ([0.25, 0.5, 1.0] if quick else [0.1, 0.25, 0.5, 1.0]):
         rows.append(("cads", f"CADS {s:g}", CADS(noise_scale=s), {}))
-    rows.append(("image tokens", f"image tokens {mid:.3g}",
-                 Repulsion(scale=mid, iterations=d.repulsion_iterations, steps=d.repulsion_steps, blocks="double",
-                           tokens="image"), {}))
+    image_tokens = d.repulsion(0.5, blocks="double", tokens="image")
+    rows.append(("image tokens", f"image tokens {image_tokens.scale:.3g}", image_tokens, {}))
     return rows
 
 

@@ -16,7 +16,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mlx_crepulse import Pipeline, Repulsion  # noqa: E402
+from mlx_crepulse import Pipeline  # noqa: E402
 from scripts import shapes  # noqa: E402
 
 
@@ -27,9 +27,7 @@ def main():
     args = p.parse_args()
     pipe = Pipeline.from_pretrained("demo")
     d = pipe.defaults
-    lo, hi = d.repulsion_scale_range
-    methods = [None] + [Repulsion(scale=s, iterations=d.repulsion_iterations, steps=d.repulsion_steps)
-                        for s in ((lo * hi) ** 0.5, hi)]
+    methods = [None, d.repulsion(0.5), d.repulsion(1.0)]
     gap = np.ones((1, shapes.SIZE, shapes.SIZE, 3), np.float32)  # a blank tile between the batches
     tiles = []
     for prompt in shapes.prompts()[::3]:

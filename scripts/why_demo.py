@@ -44,9 +44,7 @@ def clean(pipe):
     vae = collections.defaultdict(list)
     for a, im in zip(combos, decoded):
         vae[kind(a)].append(shapes.read(im)["clean"])
-    d = pipe.defaults
-    lo, hi = d.repulsion_scale_range
-    rep = Repulsion(scale=(lo * hi) ** 0.5, iterations=d.repulsion_iterations, steps=d.repulsion_steps)
+    rep = pipe.defaults.repulsion(0.5)
     runs = {"base": readings(pipe), f"repulsion {rep.scale:.3g}": readings(pipe, repulsion=rep)}
     tables = {name: collections.defaultdict(list) for name in runs}
     for name, rs in runs.items():
@@ -96,12 +94,11 @@ def variants(pipe):
     """Hook variants against the base model, paired, on the seeds the defaults were chosen on. The
     bundled demo's repulsion settings whatever the model, so that two models are compared alike."""
     d = Defaults.for_model(weights.DEMO_DIR, weights.read_json(weights.DEMO_DIR / "transformer" / "config.json"))
-    rep = lambda s, cls=Repulsion, **kw: cls(scale=s, iterations=d.repulsion_iterations, steps=d.repulsion_steps, **kw)
-    lo, hi = d.repulsion_scale_range
-    mid = (lo * hi) ** 0.5  # the recommended scale, --diversity 0.5
-    rows = [("base", None), (f"all blocks {lo:.3g}", rep(lo)), (f"all blocks {mid:.3g}", rep(mid)),
-            (f"conditional only {mid:.3g}", rep(mid, ConditionalOnly)),
-            (f"double blocks {mid:.3g}", rep(mid, blocks="double")), (f"double blocks {hi:.3g}", rep(hi, blocks="double"))]
+    lo, mid, hi = (d.repulsion_scale(x) for x in (0.0, 0.5, 1.0))  # mid: the recommended scale, --diversity 0.5
+    rows = [("base", None), (f"all blocks {lo:.3g}", d.repulsion(0.0)), (f"all blocks {mid:.3g}", d.repulsion(0.5)),
+            (f"conditional only {mid:.3g}", ConditionalOnly(**vars(d.repulsion(0.5)))),
+            (f"double blocks {mid:.3g}", d.repulsion(0.5, blocks="double")),
+            (f"double blocks {hi:.3g}", d.repulsion(1.0, blocks="double"))]
     results = [(label, evaluate.evaluate(pipe, shapes.prompts(), m, {}, groups=2, seed0=SELECTION_SEED0))
                for label, m in rows]
     for label, r in results[1:]:

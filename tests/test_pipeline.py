@@ -283,3 +283,17 @@ def test_low_memory_identical_and_frees_encoders(schnell_dir, schnell):
         got = low.generate(prompt, n=2, latents=L, output_type="np").images
         np.testing.assert_array_equal(got, want)
         assert low.text_encoder_2 is None and low.text_encoder is None
+
+
+def test_diversity_knob_maps_log_scale_onto_the_models_range():
+    """Defaults.repulsion, the one mapping from the diversity knob that the CLI, the app and the scripts
+    share: scale = lo * (hi / lo) ** D (closed form: D = 0.5 is sqrt(lo * hi)), 3 significant digits,
+    with the model's iterations and repelled steps unless overridden."""
+    from mlx_crepulse import Repulsion
+    from mlx_crepulse.pipeline import Defaults
+
+    d = Defaults(repulsion_scale_range=(1.25e4, 1e5), repulsion_iterations=7, repulsion_steps=2)
+    assert [d.repulsion_scale(x) for x in (0, 0.5, 1, 1.5)] == [1.25e4, 3.54e4, 1e5, 2.83e5]
+    assert d.repulsion_scale(0.5) == float(f"{(1.25e4 * 1e5) ** 0.5:.3g}")
+    assert d.repulsion(0.5) == Repulsion(scale=3.54e4, iterations=7, steps=2, blocks="all")
+    assert d.repulsion(1, blocks="double", steps=3) == Repulsion(scale=1e5, iterations=7, steps=3, blocks="double")
