@@ -22,7 +22,7 @@ Stages, each skipped when its output is already in the work folder:
    (with the 9 progress checks; the forward split over two streams, one_blas_thread), 75 minutes; the
    VAE takes 11.5, so about 88 in all, inside the 90 the demo is allowed. On captions without naming,
    1,500 steps of the previous recipe (adaLN-Zero, 1e-3) reached 43% prompt fidelity, 2,500 steps of this
-   one 85%, 3,500 steps 92%; with naming, 98%. 4,200 steps instead of 3,500 halved the cleanliness that
+   one 85%, 3,500 steps 92%; with naming, 98%. 4,200 steps instead of 3,500 halved the fidelity that
    repulsion costs (the pictures it moves to are the ones the model learns last; README).
    MLX's CPU build computes exp and tanh slowly, so during training only (VAE and transformer), the
    tanh GELU and SiLU run through a rational approximation of tanh accurate to 4e-7, several times
