@@ -278,8 +278,7 @@ class Pipeline:
         sigmas = sampling.schedule(steps, rows * cols, self.scheduler_config)
         x = noise
         if image is not None:  # image to image: skip the noisiest steps, start from the noised image
-            start = steps - min(int(steps * strength), steps)
-            sigmas = sigmas[start:]
+            sigmas = sigmas[sampling.image_to_image_start(steps, strength):]
             x = sigmas[0] * noise + (1 - sigmas[0]) * self.encode_image(np.asarray(image, np.float32))
 
         txt, pooled = self.encode(prompt, max_sequence_length)

@@ -33,6 +33,12 @@ def schedule(steps: int, image_tokens: int, config: dict) -> list:
     return [float(s) for s in np.asarray(sigmas, np.float32)] + [0.0]
 
 
+def image_to_image_start(steps: int, strength: float) -> int:
+    """The step image to image starts at: the last int(steps * strength) steps run (diffusers'
+    FluxImg2ImgPipeline), so the image is noised to sigma[start] of the schedule."""
+    return steps - min(int(steps * strength), steps)
+
+
 def model_time(sigma: float) -> mx.array:
     """The timestep the transformer sees: diffusers passes (sigma * 1000) / 1000, rounded in float32."""
     return mx.array([sigma], mx.float32) * 1000 / 1000

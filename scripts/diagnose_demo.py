@@ -48,14 +48,13 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     pipe = Pipeline.from_pretrained(args.model)
-    d, tf, vae = pipe.defaults, pipe.transformer, pipe.vae
+    d, tf = pipe.defaults, pipe.transformer
     cfg = d.true_cfg if args.guidance is None else args.guidance
     steps = args.steps or d.steps
     truth = shapes.all_attribute_combinations()[::args.every]
-    images = np.stack([shapes.render(**a) for a in truth]).astype(np.float32) / 127.5 - 1
+    pictures = np.stack([shapes.render(**a) for a in truth]).astype(np.float32) / 255
     rows, cols = sampling.latent_grid(d.width, d.height, pipe.vae_scale)
-    mean, _ = vae.encode_moments(mx.array(images))
-    x0 = sampling.pack((mean - vae.shift_factor) * vae.scaling_factor)
+    x0 = pipe.encode_image(pictures)
     n = x0.shape[0]
     cond = [pipe.encode(shapes.caption(a["colour"], a["shape"]), d.max_sequence_length) for a in truth]
     txt = mx.concatenate([c[0] for c in cond])
@@ -76,9 +75,9 @@ def main(argv=None):
     by_caption = collections.defaultdict(list)  # generate() takes one prompt a batch
     for i, a in enumerate(truth):
         by_caption[shapes.caption(a["colour"], a["shape"])].append(i)
-    noise, pictures = np.array(noise), images / 2 + 0.5
+    noise = np.array(noise)
     for strength in (0.25, 0.5, 0.75, 0.85, 1.0):
-        t0 = sigmas[steps - min(int(steps * strength), steps)]  # where generate() starts for this strength
+        t0 = sigmas[sampling.image_to_image_start(steps, strength)]  # where generate() starts
         out = np.zeros_like(pictures)
         for prompt, idx in by_caption.items():
             out[idx] = pipe.generate(prompt, n=len(idx), latents=noise[idx], image=pictures[idx], strength=strength,

@@ -94,11 +94,11 @@ def variants(pipe):
     """Hook variants against the base model, paired, on the seeds the defaults were chosen on. The
     bundled demo's repulsion settings whatever the model, so that two models are compared alike."""
     d = Defaults.for_model(weights.DEMO_DIR, weights.read_json(weights.DEMO_DIR / "transformer" / "config.json"))
-    lo, mid, hi = (d.repulsion_scale(x) for x in (0.0, 0.5, 1.0))  # mid: the recommended scale, --diversity 0.5
-    rows = [("base", None), (f"all blocks {lo:.3g}", d.repulsion(0.0)), (f"all blocks {mid:.3g}", d.repulsion(0.5)),
-            (f"conditional only {mid:.3g}", ConditionalOnly(**vars(d.repulsion(0.5)))),
-            (f"double blocks {mid:.3g}", d.repulsion(0.5, blocks="double")),
-            (f"double blocks {hi:.3g}", d.repulsion(1.0, blocks="double"))]
+    recommended = d.repulsion(0.5)  # --diversity 0.5
+    rows = [("base", None)] + [(f"{name} {rep.scale:.3g}", rep) for name, rep in (
+        ("all blocks", d.repulsion(0.0)), ("all blocks", recommended),
+        ("conditional only", ConditionalOnly(**vars(recommended))),
+        ("double blocks", d.repulsion(0.5, blocks="double")), ("double blocks", d.repulsion(1.0, blocks="double")))]
     results = [(label, evaluate.evaluate(pipe, shapes.prompts(), m, {}, groups=2, seed0=SELECTION_SEED0))
                for label, m in rows]
     for label, r in results[1:]:
