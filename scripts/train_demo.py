@@ -29,7 +29,7 @@ Stages, each skipped when its output is already in the work folder:
    faster (the shipped model is run by the engine's own activations).
 4. write: the trained weights back into the folder with the Hugging Face key names (the loaders'
    `unsanitize`), the loss curve (JSON and PNG) and the log; with --install, the folder is copied to
-   mlx_crepulse/demo_model/ with crepulse.json (DEFAULTS below, chosen with scripts/evaluate.py).
+   mlx_crepulse/demo_model/ with crepulse.json (DEFAULTS below, chosen with scripts/why_demo.py steps).
 """
 
 from __future__ import annotations
@@ -512,20 +512,21 @@ def write_weights(folder: Path, tf, vae, shift: float, scale: float):
 
 
 # The demo's own defaults (crepulse.json), chosen by measuring the trained model on seeds that
-# scripts/evaluate.py does not use (800000 on, 48 batches; README, "Results on the demo model"): true CFG 4;
-# repulsion in the first step (in two, 8.8e3 gained 20% Vendi for 3.1 points of fidelity and 1.25e4 36% for
-# 4.7; in one, 2.5e4 gained 20% for 1.6 and 1e5 36% for 3.6) at 1.25e4..1e5, so that --diversity 0.5 is 3.5e4.
-# Chosen on the 3,500-step model; on the 4,200-step one the same seeds give 1.25e4 +10% for 1.6 points,
-# 3.5e4 +24% for 2.6 (cleanliness -6.8 points, was -13.5) and 1e5 +32% for 3.1, so the range stayed.
+# scripts/evaluate.py does not use (800000 on; README, "Results on the demo model"): true CFG 4; repulsion
+# in the first 3 of the 12 steps at 3.5e3..1.4e4, so that --diversity 0.5 is 7e3. On 96 batches of those
+# seeds it gave +13% Vendi for 1.0 point of fidelity and 1.0 of cleanliness at 3.5e3, +23% for 1.3 and 3.9
+# at 7e3, +45% for 5.2 and 16 at 1.4e4. Repelling the first step only (the paper's Flux-dev setting and this
+# model's previous default) cost about twice that for the same diversity: 3.5e4 +26% for 3.6
+# points and 9.4 of cleanliness. The paper repels 4 of 28 steps on SD3.5-Large, its true-CFG model.
 DEFAULTS = {
     "width": SIZE, "height": SIZE, "max_sequence_length": SEQ,
     "steps": 12,
     "guidance": None,  # no guidance embedding: true classifier-free guidance against the empty prompt
     "true_cfg": 4.0,
     "negative_prompt": "",
-    "repulsion_scale_range": [1.25e4, 1e5],
+    "repulsion_scale_range": [3.5e3, 1.4e4],
     "repulsion_iterations": 50,
-    "repulsion_steps": 1,
+    "repulsion_steps": 3,
 }
 
 SHIPPED = ("model_index.json", "crepulse.json", "scheduler", "tokenizer", "tokenizer_2", "text_encoder",

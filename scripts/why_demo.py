@@ -2,10 +2,13 @@
 
     python scripts/why_demo.py clean        # is repulsion's cleanliness drop a change of mix or dirtier pictures?
     python scripts/why_demo.py guidance     # where guidance moves the free attributes
+    python scripts/why_demo.py named        # can the model draw the rarer kinds cleanly when the caption names them?
     python scripts/why_demo.py variants [--model FOLDER]   # hook variants, paired, on the selection seeds
+    python scripts/why_demo.py steps        # how many of the first steps to repel, at which scales
 
-`clean` and `guidance` use evaluate.py's seeds (4 batches per caption); `variants` uses the seeds the
-defaults were chosen on (800000 on, 2 batches per caption), so evaluate.py's stay unseen by choices.
+`clean`, `guidance` and `named` use evaluate.py's seeds (4 batches per caption; `named` 2); `variants` uses
+the seeds the defaults were chosen on (800000 on, 2 batches per caption; `steps` 4), so evaluate.py's stay
+unseen by choices.
 """
 
 import argparse
@@ -90,6 +93,17 @@ class ConditionalOnly(Repulsion):
         return mx.concatenate([head, x[b:]], axis=0)
 
 
+class BranchesAsOne(Repulsion):
+    """Both branches of true CFG pushed by one transform: each sample is its conditional and unconditional
+    activations side by side, so the guided difference between the branches is not pushed apart."""
+
+    def _ascend(self, x, groups):
+        b = x.shape[0] // groups
+        joint = x.reshape(groups, b, -1).transpose(1, 0, 2).reshape(1, b, -1)
+        joint = ascend(joint, self.scale, self.iterations, self.eps)
+        return joint.reshape(b, groups, -1).transpose(1, 0, 2).reshape(x.shape)
+
+
 def variants(pipe):
     """Hook variants against the base model, paired, on the seeds the defaults were chosen on. The
     bundled demo's repulsion settings whatever the model, so that two models are compared alike."""
@@ -97,7 +111,9 @@ def variants(pipe):
     recommended = d.repulsion(0.5)  # --diversity 0.5
     rows = [("base", None)] + [(f"{name} {rep.scale:.3g}", rep) for name, rep in (
         ("all blocks", d.repulsion(0.0)), ("all blocks", recommended),
+        ("first step only", d.repulsion(0.5, steps=1, scale=3.54e4)),
         ("conditional only", ConditionalOnly(**vars(recommended))),
+        ("branches as one", BranchesAsOne(**vars(recommended))),
         ("double blocks", d.repulsion(0.5, blocks="double")), ("double blocks", d.repulsion(1.0, blocks="double")))]
     results = [(label, evaluate.evaluate(pipe, shapes.prompts(), m, {}, groups=2, seed0=SELECTION_SEED0))
                for label, m in rows]
@@ -105,12 +121,35 @@ def variants(pipe):
         print(evaluate.comparison(label, r, results[0][1]))
 
 
+def steps(pipe):
+    """Repelled steps and scales against the base model, paired, on the selection seeds (4 batches per
+    caption): the sweep the demo's repulsion_steps and scale range were chosen from."""
+    base = evaluate.evaluate(pipe, shapes.prompts(), None, {}, groups=4, seed0=SELECTION_SEED0)
+    for tau, scale in ((1, 2.5e4), (1, 3.54e4), (2, 8e3), (3, 3.5e3), (3, 7e3), (3, 1.4e4), (4, 6e3), (6, 4.5e3)):
+        rep = pipe.defaults.repulsion(0.5, steps=tau, scale=scale)
+        r = evaluate.evaluate(pipe, shapes.prompts(), rep, {}, groups=4, seed0=SELECTION_SEED0)
+        print(evaluate.comparison(f"first {tau} repelled {scale:.3g}", r, base))
+
+
+def named(pipe):
+    """Clean share at the default guidance for the bare captions and for captions that name a large size,
+    a corner, or both: whether the rarer kinds are beyond the model or only beyond its bare captions."""
+    for extra in ({}, {"size": "large"}, {"position": "top-left"}, {"size": "large", "position": "top-left"}):
+        prompts = [shapes.caption(c, s, **extra) for c in shapes.COLOURS for s in shapes.SHAPES]
+        rs = [r for _, group, _ in evaluate.read_batches(pipe, prompts, groups=2) for r in group]
+        as_named = np.mean([all(r[k] == v for k, v in extra.items()) for r in rs])
+        label = prompts[0].replace("red ", "").replace("circle", "<colour> <shape>")
+        print(f"{label:42s} clean {np.mean([r['clean'] for r in rs]):6.1%}  faithful "
+              f"{np.mean([r['faithful'] for r in rs]):6.1%}  as named {as_named:6.1%}  ({len(rs)} images)")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("question", choices=("clean", "guidance", "variants"))
+    p.add_argument("question", choices=("clean", "guidance", "variants", "named", "steps"))
     p.add_argument("--model", default="demo")
     args = p.parse_args()
-    {"clean": clean, "guidance": guidance, "variants": variants}[args.question](Pipeline.from_pretrained(args.model))
+    questions = {"clean": clean, "guidance": guidance, "variants": variants, "named": named, "steps": steps}
+    questions[args.question](Pipeline.from_pretrained(args.model))
 
 
 if __name__ == "__main__":

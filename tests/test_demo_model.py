@@ -46,6 +46,13 @@ def test_loads_as_demo_with_its_own_defaults(pipe):
     assert not pipe.has_guidance_embedding
 
 
+def test_shipped_defaults_are_the_training_recipes():
+    """The package's crepulse.json is exactly what scripts/train_demo.py writes (its DEFAULTS, where the
+    choice of them is explained), so the recipe and the shipped model cannot drift apart."""
+    from scripts import train_demo
+    assert json.loads((DEMO / "crepulse.json").read_text()) == json.loads(json.dumps(train_demo.DEFAULTS))
+
+
 def test_diffusers_gives_the_same_images():
     """diffusers' FluxPipeline on the shipped folder, from the same latents, with the demo's defaults
     (true CFG against the empty prompt): the same images within 2e-3."""
