@@ -145,10 +145,10 @@ def named(pipe):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("question", choices=("clean", "guidance", "variants", "named", "steps"))
+    questions = {"clean": clean, "guidance": guidance, "named": named, "variants": variants, "steps": steps}
+    p.add_argument("question", choices=list(questions))
     p.add_argument("--model", default="demo")
     args = p.parse_args()
-    questions = {"clean": clean, "guidance": guidance, "variants": variants, "named": named, "steps": steps}
     questions[args.question](Pipeline.from_pretrained(args.model))
 
 
