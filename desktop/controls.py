@@ -12,7 +12,7 @@ from PySide6.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, Q
 
 from . import models
 
-DIVERSITY_TICKS = 10  # slider 0 = off, 1..10 = subtle .. wild
+DIVERSITY_TICKS = 9  # slider 0 = off, 1..9 = diversity 0, 1/8, .. 1: the middle tick, 5, is 0.5 as the CLI's default
 
 
 def diversity_of(tick: int) -> Optional[float]:
@@ -27,7 +27,7 @@ def tick_of(diversity: Optional[float]) -> int:
 def diversity_words(tick: int) -> str:
     if tick <= 0:
         return "off \u2014 plain seeds"
-    return ["subtle", "subtle", "gentle", "moderate", "moderate", "strong", "strong", "bold", "wild", "wild"][tick - 1]
+    return ["subtle", "subtle", "gentle", "gentle", "moderate", "strong", "strong", "bold", "wild"][tick - 1]
 
 
 class Form(QWidget):

@@ -29,7 +29,7 @@ from desktop import controls, history as history_mod, models, refine, worker  # 
 from desktop.history import History  # noqa: E402
 from desktop.viewer import Compare, Viewer  # noqa: E402
 from desktop.window import MainWindow  # noqa: E402
-from mlx_crepulse import metadata  # noqa: E402
+from mlx_crepulse import cli, metadata  # noqa: E402
 
 DEMO_INDEX = Path(mlx_crepulse.__file__).parent / "demo_model" / "model_index.json"
 ROOT = Path(__file__).resolve().parents[1]
@@ -354,7 +354,9 @@ def test_memory_check_and_model_messages(qtbot, make_window, tmp_path):
     assert models.memory_problem("dev", 8, ram_gb=24) is None
     assert models.memory_problem("demo", None, ram_gb=4) is None
     assert models.physical_ram_gb() > 0
-    assert controls.diversity_of(0) is None and controls.diversity_of(1) == 0 and controls.diversity_of(10) == 1
+    assert controls.diversity_of(0) is None and controls.diversity_of(1) == 0 and controls.diversity_of(9) == 1
+    # the app's default tick is the CLI's default diversity, so the two make the same batch from one seed
+    assert controls.diversity_of(5) == cli.DEFAULT_DIVERSITY == 0.5 and controls.tick_of(0.5) == 5
     w = make_window()
     w.form.set_source(str(tmp_path / "nowhere"))
     w.update_model_state()
