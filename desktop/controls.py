@@ -10,9 +10,11 @@ from PySide6.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, Q
                                QPlainTextEdit, QPushButton, QSizePolicy, QSlider, QSpinBox, QToolButton,
                                QVBoxLayout, QWidget)
 
+from mlx_crepulse.pipeline import DEFAULT_DIVERSITY
+
 from . import models
 
-DIVERSITY_TICKS = 9  # slider 0 = off, 1..9 = diversity 0, 1/8, .. 1: the middle tick, 5, is 0.5 as the CLI's default
+DIVERSITY_TICKS = 9  # slider 0 = off, 1..9 = diversity 0, 1/8, .. 1, so that the default 0.5 is a tick (the middle)
 
 
 def diversity_of(tick: int) -> Optional[float]:
@@ -22,6 +24,9 @@ def diversity_of(tick: int) -> Optional[float]:
 
 def tick_of(diversity: Optional[float]) -> int:
     return 0 if diversity is None else 1 + round(float(diversity) * (DIVERSITY_TICKS - 1))
+
+
+DEFAULT_TICK = tick_of(DEFAULT_DIVERSITY)  # the CLI's default, so one seed makes the same batch in both
 
 
 def diversity_words(tick: int) -> str:
@@ -69,7 +74,7 @@ class Form(QWidget):
         self.diversity.setRange(0, DIVERSITY_TICKS)
         self.diversity.setPageStep(1)
         self.diversity.setTickPosition(QSlider.TickPosition.TicksBelow)
-        self.diversity.setValue(5)
+        self.diversity.setValue(DEFAULT_TICK)
         self.diversity_label = QLabel()
         self.diversity.valueChanged.connect(self._diversity_changed)
         ends = QHBoxLayout()
@@ -304,7 +309,7 @@ class Form(QWidget):
             self.set_source(str(model))
         self.precision.setCurrentIndex(min(max(get("form/precision", 0, int), 0), self.precision.count() - 1))
         self.n.setValue(get("form/n", 4, int))
-        self.diversity.setValue(get("form/diversity", 5, int))
+        self.diversity.setValue(get("form/diversity", DEFAULT_TICK, int))
         self.steps.setValue(get("form/steps", 0, int))
         self.width_.setValue(get("form/width", 0, int))
         self.height_.setValue(get("form/height", 0, int))

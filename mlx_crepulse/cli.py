@@ -54,14 +54,13 @@ import unicodedata
 from pathlib import Path
 
 from . import metadata, weights
-from .pipeline import __version__
+from .pipeline import DEFAULT_DIVERSITY, __version__
 from .tokenizer import Tokenizer
 
 SUBCOMMANDS = ("generate", "info", "download", "convert")
 METHODS = ("none", "contextual", "particle", "cads")
 DEFAULT_OUTPUT = "out"
 DEFAULT_N = 4
-DEFAULT_DIVERSITY = 0.5
 SIZE_MULTIPLE = 16  # FLUX.1: 8x VAE and 2x2 patches; the engine checks its own multiple again
 PARTICLE_SCALE = 1.0  # --method particle: scale = diversity (the engine normalises the push by the latent size)
 CADS_MAX_NOISE = 0.5  # --method cads: noise_scale = diversity * 0.5 (0.25, the CADS default, at 0.5)

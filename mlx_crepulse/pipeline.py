@@ -26,6 +26,9 @@ __version__ = "0.1.0"
 VAE_TILE = 32  # latent pixels (256 image pixels for FLUX) per tile in the low-memory mode's decode
 
 
+DEFAULT_DIVERSITY = 0.5  # the diversity knob's default (CLI and app): the recommended range's geometric middle
+
+
 class Cancelled(Exception):
     """Raised by `generate` when its callback asked to stop; nothing half-done is returned."""
 
@@ -64,7 +67,7 @@ class Defaults:
         lo, hi = self.repulsion_scale_range
         return float(f"{lo * (hi / lo) ** float(diversity):.3g}")
 
-    def repulsion(self, diversity: float = 0.5, **overrides) -> Repulsion:
+    def repulsion(self, diversity: float = DEFAULT_DIVERSITY, **overrides) -> Repulsion:
         """Contextual repulsion at a diversity, with this model's iterations and repelled steps
         (`overrides`: any other Repulsion field, e.g. blocks or reference)."""
         return Repulsion(**{"scale": self.repulsion_scale(diversity), "iterations": self.repulsion_iterations,
