@@ -111,7 +111,7 @@ def variants(pipe):
     recommended = d.repulsion(0.5)  # --diversity 0.5
     rows = [("base", None)] + [(f"{name} {rep.scale:.3g}", rep) for name, rep in (
         ("all blocks", d.repulsion(0.0)), ("all blocks", recommended),
-        ("first step only", d.repulsion(0.5, steps=1, scale=3.54e4)),
+        ("first step only", d.repulsion(0.5, steps=1, scale=3.54e4)),  # the previous default
         ("conditional only", ConditionalOnly(**vars(recommended))),
         ("branches as one", BranchesAsOne(**vars(recommended))),
         ("double blocks", d.repulsion(0.5, blocks="double")), ("double blocks", d.repulsion(1.0, blocks="double")))]
@@ -138,7 +138,7 @@ def named(pipe):
         prompts = [shapes.caption(c, s, **extra) for c in shapes.COLOURS for s in shapes.SHAPES]
         rs = [r for _, group, _ in evaluate.read_batches(pipe, prompts, groups=2) for r in group]
         as_named = np.mean([all(r[k] == v for k, v in extra.items()) for r in rs])
-        label = prompts[0].replace("red ", "").replace("circle", "<colour> <shape>")
+        label = shapes.caption("<colour>", "<shape>", **extra)
         print(f"{label:42s} clean {np.mean([r['clean'] for r in rs]):6.1%}  faithful "
               f"{np.mean([r['faithful'] for r in rs]):6.1%}  as named {as_named:6.1%}  ({len(rs)} images)")
 
