@@ -80,33 +80,54 @@ def explore(history, batch, n: int, diversity, seed: int = None, low_memory=Fals
                        note=dict(reference_size=0 if reference is None else len(reference)))
 
 
+def _blendable(batch) -> tuple:
+    """What two images must share to be blended (None: not blendable: an upscale starts from a picture,
+    not from noise alone, so there is no batch to record it from)."""
+    r = batch.recipe
+    if r.get("strength") is not None:
+        return None
+    return (batch.model,) + tuple(r.get(k) for k in ("prompt", "width", "height", "steps", "guidance", "true_cfg",
+                                                     "negative_prompt", "max_sequence_length"))
+
+
 def blend_candidates(history, image) -> list:
-    """Starred images that can be blended with `image`: same prompt, model and size."""
-    b = history.batch(image.batch_id)
-    out = []
-    for other in history.starred():
-        if other.id == image.id:
-            continue
-        ob = history.batch(other.batch_id)
-        if (ob.prompt, ob.model, ob.recipe.get("width"), ob.recipe.get("height")) == \
-                (b.prompt, b.model, b.recipe.get("width"), b.recipe.get("height")):
-            out.append(other)
-    return out
+    """Starred images that can be blended with `image`: same prompt, model, size and sampling settings."""
+    key = _blendable(history.batch(image.batch_id))
+    return [other for other in history.starred() if key is not None and other.id != image.id
+            and _blendable(history.batch(other.batch_id)) == key]
 
 
 def blend(history, a, b, alphas, low_memory=False) -> Job:
-    """Batch [A, B, A per alpha]: A and B from their own noise, each further row A's noise with its
-    enriched text tokens moved toward B's by alpha during the first steps."""
+    """Batch [A, B, A per alpha]: A's and B's noise, then A's once per alpha, all steered by A and B
+    recorded in the batches they were made in (refine's `rerun` of each): rows A and B come out as the
+    favourites themselves, each further row with its enriched text tokens moved toward B's by alpha during
+    the first steps."""
     alphas = [float(x) for x in alphas]
     bad = [x for x in alphas if not ALPHA_RANGE[0] <= x <= ALPHA_RANGE[1]]
     if bad:
         raise ValueError(f"blend alpha must lie in [{ALPHA_RANGE[0]}, {ALPHA_RANGE[1]}], not {bad}")
+    if _blendable(history.batch(a.batch_id)) is None or _blendable(history.batch(b.batch_id)) is None:
+        raise ValueError("an upscaled image cannot be blended: blend the favourites it was upscaled from")
     batch = history.batch(a.batch_id)
     na, nb = noise_of(history, a), noise_of(history, b)
     return from_recipe(batch.recipe, kind="blend", n=2 + len(alphas), seed=int(a.seed), low_memory=low_memory,
                        noise=[na, nb] + [na] * len(alphas), blend=dict(alphas=alphas, steps=BLEND_STEPS),
+                       sources=blend_sources(history, a.id, b.id),
                        parent_image=a.id, labels=["A", "B"] + [f"\u03b1 = {x:.2f}" for x in alphas],
                        note=dict(a=a.id, b=b.id, alphas=alphas))
+
+
+def blend_sources(history, a_id: int, b_id: int) -> list:
+    """A and B as (the job that makes the batch each came from, its index); one job for one batch."""
+    jobs, out = {}, []
+    for image_id in (a_id, b_id):
+        im = history.image(image_id)
+        if im is None:
+            raise ValueError("an image this blend was made from has been deleted, so the blend cannot be made again")
+        if im.batch_id not in jobs:
+            jobs[im.batch_id] = rerun(history, history.batch(im.batch_id))
+        out.append((jobs[im.batch_id], im.index))
+    return out
 
 
 def upscaled_pixels(path, width: int, height: int) -> np.ndarray:
@@ -135,8 +156,9 @@ def rerun(history, batch, low_memory=False) -> Job:
     inputs = history.inputs(batch.id)
     latents = inputs.get("latents")
     labels = [im.label for im in batch.images] if any(im.label for im in batch.images) else None
+    sources = blend_sources(history, batch.note["a"], batch.note["b"]) if r.get("blend") else None
     return from_recipe(r, kind="rerun", low_memory=low_memory, repulsion=r.get("repulsion"),
-                       reference=inputs.get("reference"), blend=r.get("blend"),
+                       reference=inputs.get("reference"), blend=r.get("blend"), sources=sources,
                        noise=list(latents) if latents is not None else None, image=inputs.get("image"),
                        strength=r.get("strength") or 0.6, parent_image=r.get("app", {}).get("parent_image"),
                        labels=labels, note=dict(of_batch=batch.id))

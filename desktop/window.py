@@ -361,8 +361,8 @@ class MainWindow(QMainWindow):
             return
         candidates = refine.blend_candidates(self.history, a)
         if not candidates:
-            self.banner.show_message("Star another image of the same prompt (and size) to blend with this one.",
-                                     "info")
+            self.banner.show_message("Star another image of the same prompt and settings (size, steps, guidance) "
+                                     "to blend with this one; upscaled images cannot be blended.", "info")
             return
         dlg = BlendDialog(a, candidates, self)
         if dlg.exec() and dlg.b is not None:

@@ -63,6 +63,7 @@ class Job:
     repulsion: Optional[dict] = None  # explicit Repulsion settings (a recipe run again); wins over diversity
     reference: Optional[np.ndarray] = None  # signatures of images seen already: push away from them
     blend: Optional[dict] = None  # Blend settings (alphas, steps)
+    sources: Optional[list] = None  # a blend's A and B: (the job of the batch each was made in, its index)
     noise: Optional[list] = None
     image: Optional[np.ndarray] = None  # uint8 (n, H, W, 3): image to image
     strength: float = 0.6
@@ -135,24 +136,15 @@ class _Runner(QObject):
         pipe = self.load(job)
         if self.cancel_flag.is_set():
             raise Cancelled()
-        d = pipe.defaults
-        width, height = job.width or d.width, job.height or d.height
-        limit = job.max_sequence_length or d.max_sequence_length
+        limit = job.max_sequence_length or pipe.defaults.max_sequence_length
         tokens = pipe.token_count(job.prompt)
         if tokens > limit:
             self.warning.emit(f"The prompt is {tokens} tokens long and this model reads {limit}: the end of it is "
                               "ignored.")
-        repulsion = None
-        if job.repulsion is not None:  # a stored method's settings; its reference set comes with the job
-            repulsion = metadata.method_from_dict({k: v for k, v in job.repulsion.items() if k != "reference_size"})
-            if job.reference is not None:
-                repulsion.reference = job.reference
-        elif job.diversity is not None or job.reference is not None:
-            repulsion = d.repulsion(job.diversity or 0.0, reference=job.reference)
-        latents = None
-        if job.noise is not None:
-            latents = np.stack([self._noise(pipe, spec, width, height) for spec in job.noise]).astype(np.float32)
-        image = None if job.image is None else np.asarray(job.image, np.float32) / 255.0
+        kw = self._arguments(pipe, job)
+        if job.blend:
+            self.status.emit("recording A and B ...")
+            kw["blend"] = self._blend(pipe, job)
         self.status.emit("generating ...")
         last = {"t": 0.0, "cost": 0.0}
 
@@ -169,15 +161,10 @@ class _Runner(QObject):
                 last["t"] = time.perf_counter()
             return not self.cancel_flag.is_set()
 
-        result = pipe.generate(job.prompt, n=job.n, seed=job.seed, steps=job.steps, guidance=job.guidance,
-                               width=width, height=height, max_sequence_length=job.max_sequence_length,
-                               repulsion=repulsion, latents=latents, callback=callback,
-                               negative_prompt=job.negative_prompt, true_cfg=job.true_cfg,
-                               blend=Blend(**job.blend) if job.blend else None, image=image,
-                               strength=job.strength)
+        result = pipe.generate(job.prompt, callback=callback, **kw)
         self.status.emit("saving ...")
         inputs = {}
-        if latents is not None:
+        if kw["latents"] is not None:
             inputs["latents"] = result.noise
         if job.reference is not None:
             inputs["reference"] = np.asarray(job.reference, np.float16)
@@ -190,6 +177,38 @@ class _Runner(QObject):
         finally:
             history.close()  # this thread's connection; windows come and go, the thread stays
         self.finished.emit(batch_id)
+
+    def _arguments(self, pipe, job: Job) -> dict:
+        """generate()'s arguments for a job, but its prompt, callback and blend."""
+        d = pipe.defaults
+        width, height = job.width or d.width, job.height or d.height
+        repulsion = None
+        if job.repulsion is not None:  # a stored method's settings; its reference set comes with the job
+            repulsion = metadata.method_from_dict({k: v for k, v in job.repulsion.items() if k != "reference_size"})
+            if job.reference is not None:
+                repulsion.reference = job.reference
+        elif job.diversity is not None or job.reference is not None:
+            repulsion = d.repulsion(job.diversity or 0.0, reference=job.reference)
+        latents = None
+        if job.noise is not None:
+            latents = np.stack([self._noise(pipe, spec, width, height) for spec in job.noise]).astype(np.float32)
+        image = None if job.image is None else np.asarray(job.image, np.float32) / 255.0
+        return dict(n=job.n, seed=job.seed, steps=job.steps, guidance=job.guidance, width=width, height=height,
+                    max_sequence_length=job.max_sequence_length, repulsion=repulsion, latents=latents,
+                    negative_prompt=job.negative_prompt, true_cfg=job.true_cfg, image=image, strength=job.strength)
+
+    def _blend(self, pipe, job: Job) -> Blend:
+        """The job's Blend, with A and B recorded from the batches they were made in (so that they come out
+        as they were, repulsion and all); a source that is itself a blend is replayed from its own sources."""
+        recordings = {}
+        for src in {id(s): s for s, _ in job.sources}.values():  # one recording run per source batch
+            rows = sorted({i for s, i in job.sources if s is src})
+            kw = self._arguments(pipe, src)
+            if src.blend:
+                kw["blend"] = self._blend(pipe, src)
+            made = pipe.record(src.prompt, rows, record_steps=job.blend["steps"], **kw)
+            recordings.update({(id(src), i): rec for i, rec in zip(rows, made)})
+        return Blend(**job.blend, sources=tuple(recordings[(id(s), i)] for s, i in job.sources))
 
     @staticmethod
     def _noise(pipe, spec, width, height) -> np.ndarray:

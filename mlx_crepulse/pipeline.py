@@ -9,6 +9,7 @@ transformer's blocks (repulsion, blending), and the velocity (particle guidance)
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable, Optional
 
 import mlx.core as mx
@@ -17,7 +18,7 @@ import numpy as np
 from . import sampling, weights
 from .models import autoencoder, clip, t5
 from .models.flux import FluxTransformer
-from .repulsion import Blend, Method, Repulsion, signature
+from .repulsion import Blend, Method, Recording, Repulsion, signature
 from .tokenizer import Tokenizer
 
 __version__ = "0.1.0"
@@ -252,8 +253,60 @@ class Pipeline:
         """Generate n images of one prompt together. `repulsion` is a diversity method (`Repulsion`,
         `ParticleGuidance`, `CADS`) or None for plain seeds. `latents`: initial packed noise (n, tokens,
         channels). `image` + `strength`: start from these images (n, H, W, 3 in [0, 1]) noised to
-        `strength` (image to image, as diffusers' FluxImg2ImgPipeline). `callback(progress)` runs after
-        each step; returning False cancels (raises `Cancelled`)."""
+        `strength` (image to image, as diffusers' FluxImg2ImgPipeline). `blend`: a `Blend` of two images
+        recorded with `record`. `callback(progress)` runs after each step; returning False cancels (raises
+        `Cancelled`)."""
+        if output_type not in ("pil", "np"):
+            raise ValueError(f"output_type must be 'pil' or 'np', not {output_type!r}")
+        run = self._begin(prompt, n, seed, steps, guidance, width, height, max_sequence_length, repulsion,
+                          latents, negative_prompt, true_cfg, image, strength, blend)
+        started = time.perf_counter()
+        sig = x = None
+        for i, x, x0, sig in self.sample(run.x, run.txt, run.pooled, run.neg, run.sigmas, run.guidance,
+                                         run.true_cfg, run.rows, run.cols, repulsion, blend):
+            if callback is not None:
+                p = Progress(i + 1, len(run.sigmas) - 1, time.perf_counter() - started, n, self, x0,
+                             (run.rows, run.cols))
+                if callback(p) is False:
+                    raise Cancelled()
+        pixels = self.decode(x, run.rows, run.cols)
+        settings = dict(run.settings, n=n, seed=run.seed,
+                        repulsion=repulsion.to_dict() if repulsion is not None else None,
+                        blend=blend.to_dict() if blend is not None else None,
+                        model=self.source, quantize=self.quantize, version=__version__)
+        images = _to_pil(pixels) if output_type == "pil" else pixels
+        return Result(images, run.seeds, np.array(run.noise), np.array(sig) if sig is not None else None, settings,
+                      time.perf_counter() - started)
+
+    def record(self, prompt: str, rows: list, record_steps: int = 2, **kw) -> list:
+        """What the transformer does to images `rows` of the batch `generate(prompt, **kw)` makes, during
+        its first `record_steps` steps (at least as many as the batch is repelled): a `Recording` per row,
+        the sources of a `Blend` (a blend batch can be recorded too: its own blend is replayed). Runs only
+        those steps; decodes nothing."""
+        n = kw.get("n", 4)
+        bad = [r for r in rows if not (isinstance(r, int) and 0 <= r < n)]
+        if bad or not rows:
+            raise ValueError(f"rows to record must be image indices 0 to {n - 1} of the batch, not {bad or rows}")
+        method = kw.get("repulsion")
+        if method is not None and not isinstance(method, Repulsion):
+            raise ValueError(f"{type(method).__name__} acts outside the transformer's blocks, so its images "
+                             "cannot be recorded for blending; only contextual repulsion or plain seeds can")
+        run = self._begin(prompt, **{"n": n, **kw})
+        steps = min(max(record_steps, method.steps if method is not None else 0), len(run.sigmas) - 1)
+        recordings = [Recording(steps, run.settings) for _ in rows]
+        record = list(zip(recordings, rows))
+        for i, *_ in self.sample(run.x, run.txt, run.pooled, run.neg, run.sigmas, run.guidance, run.true_cfg,
+                                 run.rows, run.cols, method, kw.get("blend"), record):
+            mx.eval([a for rec in recordings for a in rec.arrays()])
+            if i + 1 >= steps:
+                break
+        return recordings
+
+    def _begin(self, prompt, n=4, seed=None, steps=None, guidance=None, width=None, height=None,
+               max_sequence_length=None, repulsion=None, latents=None, negative_prompt=None, true_cfg=None,
+               image=None, strength=0.6, blend=None):
+        """Everything a call needs before its first step: checked settings, initial noise, schedule and
+        text encodings. `settings` are the ones that fix what happens inside the transformer."""
         d = self.defaults
         steps = d.steps if steps is None else steps
         guidance = d.guidance if guidance is None else guidance
@@ -261,11 +314,15 @@ class Pipeline:
         max_sequence_length = max_sequence_length or d.max_sequence_length
         true_cfg = d.true_cfg if true_cfg is None else true_cfg
         negative_prompt = d.negative_prompt if negative_prompt is None else negative_prompt
-        self._check(prompt, n, steps, width, height, output_type, true_cfg, strength)
+        self._check(prompt, n, steps, width, height, true_cfg, strength)
         if repulsion is not None:
             repulsion.validate(n, self.transformer)
+        settings = dict(prompt=prompt, steps=steps, guidance=guidance, width=width, height=height,
+                        max_sequence_length=max_sequence_length, true_cfg=true_cfg,
+                        negative_prompt=negative_prompt if true_cfg > 1 else None,
+                        strength=strength if image is not None else None)
         if blend is not None:
-            blend.validate(n)
+            blend.validate(n, settings)
         rows, cols = sampling.latent_grid(width, height, self.vae_scale)
         channels = self.latent_channels
         if seed is None:
@@ -283,33 +340,16 @@ class Pipeline:
         if image is not None:  # image to image: skip the noisiest steps, start from the noised image
             sigmas = sigmas[sampling.image_to_image_start(steps, strength):]
             x = sigmas[0] * noise + (1 - sigmas[0]) * self.encode_image(np.asarray(image, np.float32))
-
         txt, pooled = self.encode(prompt, max_sequence_length)
         neg = self.encode(negative_prompt, max_sequence_length) if true_cfg > 1 else None
-        started = time.perf_counter()
-        sig = None
-        for i, x, x0, sig in self.sample(x, txt, pooled, neg, sigmas, guidance, true_cfg, rows, cols,
-                                         repulsion, blend):
-            if callback is not None:
-                p = Progress(i + 1, len(sigmas) - 1, time.perf_counter() - started, n, self, x0, (rows, cols))
-                if callback(p) is False:
-                    raise Cancelled()
-        pixels = self.decode(x, rows, cols)
-        settings = dict(prompt=prompt, n=n, seed=seed, steps=steps, guidance=guidance, width=width,
-                        height=height, max_sequence_length=max_sequence_length, true_cfg=true_cfg,
-                        negative_prompt=negative_prompt if true_cfg > 1 else None,
-                        repulsion=repulsion.to_dict() if repulsion is not None else None,
-                        blend=blend.to_dict() if blend is not None else None,
-                        strength=strength if image is not None else None,
-                        model=self.source, quantize=self.quantize, version=__version__)
-        images = _to_pil(pixels) if output_type == "pil" else pixels
-        return Result(images, seeds, np.array(noise), np.array(sig) if sig is not None else None, settings,
-                      time.perf_counter() - started)
+        return SimpleNamespace(x=x, noise=noise, seed=seed, seeds=seeds, sigmas=sigmas, txt=txt, pooled=pooled,
+                               neg=neg, guidance=guidance, true_cfg=true_cfg, rows=rows, cols=cols, settings=settings)
 
-    def sample(self, x, txt, pooled, neg, sigmas, guidance, true_cfg, rows, cols, method=None, blend=None):
+    def sample(self, x, txt, pooled, neg, sigmas, guidance, true_cfg, rows, cols, method=None, blend=None,
+               record=None):
         """The Euler flow-matching loop; yields (step, latents, predicted clean latents, signatures)
         after each step. With true CFG the conditional and unconditional branches run as one batch of
-        2n, and repulsion treats them as two groups."""
+        2n, and repulsion treats them as two groups. `record`: (Recording, row) pairs to fill."""
         n = x.shape[0]
         tf = self.transformer
         groups = 2 if neg is not None else 1
@@ -333,8 +373,12 @@ class Pipeline:
                 vec = mx.concatenate([mx.broadcast_to(vec, (n, vec.shape[-1])),
                                       mx.broadcast_to(u_vec, (n, vec.shape[-1]))], axis=0)
                 x_in = mx.concatenate([x_in, x_in], axis=0)
-            hooks = [h for h in (method.hook(i, groups) if method is not None else None,
-                                 blend.hook(i, groups) if blend is not None else None) if h is not None]
+            edit = _chain([h for h in (method.hook(i, groups) if method is not None else None,
+                                       blend.hook(i, groups) if blend is not None else None) if h is not None])
+            for rec, row in record or ():  # each recorder sees the activations before and after the edits
+                if i < rec.steps:
+                    edit = rec.recorder(i, row, n)(edit)
+            hooks = [edit] if edit is not None else []
             if i == 0:  # record each image's contextual signature once, after any update at that block
                 hooks.append(_capture(sig_block, n, signatures))
             v = tf(x_in, c_txt, vec, pe, _chain(hooks)).astype(mx.float32)
@@ -347,7 +391,7 @@ class Pipeline:
             mx.eval(x)
             yield i, x, x0, signatures[0] if signatures else None
 
-    def _check(self, prompt, n, steps, width, height, output_type, true_cfg, strength):
+    def _check(self, prompt, n, steps, width, height, true_cfg, strength):
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError("the prompt is empty: describe the image to generate")
         if not isinstance(n, int) or n < 1:
@@ -358,8 +402,6 @@ class Pipeline:
         for name, v in (("width", width), ("height", height)):
             if not isinstance(v, int) or v < m or v % m:
                 raise ValueError(f"{name} {v!r} must be a positive multiple of {m}")
-        if output_type not in ("pil", "np"):
-            raise ValueError(f"output_type must be 'pil' or 'np', not {output_type!r}")
         if true_cfg < 1:
             raise ValueError(f"true_cfg must be 1 (off) or more, not {true_cfg}")
         if not 0 < strength <= 1:

@@ -344,37 +344,89 @@ class CADS(Method):
 
 
 @dataclass
+class Recording:
+    """What the transformer did to one image of a batch during its first `steps` steps (`Pipeline.record`):
+    its enriched text tokens after every double-stream block (the contextual space), and the edit the
+    diversity method (or a blend) made to its activations after every block it touched. Arrays are (branches, tokens, width):
+    2 branches with true CFG, else 1. `settings`: the call's, which a blend must share."""
+    steps: int
+    settings: dict
+    context: dict = field(default_factory=dict)  # (step, double-block index) -> text tokens
+    edits: dict = field(default_factory=dict)  # (step, kind, block index) -> (text edit, image edit), None = none
+
+    def recorder(self, step: int, row: int, n: int):
+        """Record row `row` of a batch of n (per branch) into this recording, around the step's edits (a hook)."""
+        def record(hook):
+            def recording(kind, index, txt, img):
+                new_txt, new_img = hook(kind, index, txt, img) if hook is not None else (txt, img)
+                pick = lambda a: a.reshape(-1, n, *a.shape[1:])[:, row]
+                if kind == "double":
+                    self.context[(step, index)] = pick(new_txt)
+                edit = (None if new_txt is txt else pick(new_txt - txt), None if new_img is img else pick(new_img - img))
+                if edit[0] is not None or edit[1] is not None:
+                    self.edits[(step, kind, index)] = edit
+                return new_txt, new_img
+            return recording
+        return record
+
+    def arrays(self) -> list:
+        return list(self.context.values()) + [e for pair in self.edits.values() for e in pair if e is not None]
+
+
+@dataclass
 class Blend:
-    """Contextual blending (paper section 4). The batch is [A, B, A, A, ...]: rows 0 and 1 are the two
-    sources, generated as usual; each further row j has A's noise and, during the first `steps` steps,
-    its enriched text tokens after every double-stream block replaced by (1 - a_j) ctx_A + a_j ctx_B.
-    a below 0 extrapolates away from B, above 1 beyond it."""
+    """Contextual blending (paper section 4) of two recorded images A and B (`Pipeline.record`, from the
+    batches they were made in). The batch is [A, B, A, A, ...] by its noise: row 0 A's, row 1 B's, each
+    further row j A's with blend weight a_j (rows 0 and 1 weigh 0 and 1). During the first `steps` steps
+    every row's enriched text tokens after every double-stream block are replaced by (1 - a) ctx_A + a ctx_B,
+    and during all recorded steps it gets (1 - a) edit_A + a edit_B of the repulsion A's and B's batches
+    made: so rows 0 and 1 are A and B again, exactly, however their batches were repelled, and a below 0
+    extrapolates away from B, above 1 beyond it."""
     alphas: list = field(default_factory=lambda: [0.5])
     steps: int = 2
+    sources: tuple = field(default=(), repr=False)  # (Recording of A, Recording of B)
 
-    def validate(self, n):
+    def validate(self, n, settings):
         if n != 2 + len(self.alphas):
             raise ValueError(f"a blend batch is [A, B] plus one row per alpha: n must be {2 + len(self.alphas)}")
         bad = [a for a in self.alphas if not -0.5 <= a <= 1.5]
         if bad:
             raise ValueError(f"blend alphas must lie in [-0.5, 1.5], not {bad}")
+        if len(self.sources) != 2 or not all(isinstance(r, Recording) for r in self.sources):
+            raise ValueError("a blend needs the recordings of its two images A and B: Pipeline.record(...)")
+        short = [r.steps for r in self.sources if r.steps < self.steps]
+        if short:
+            raise ValueError(f"the blend's {self.steps} steps need recordings of {self.steps} steps, not {short[0]}: "
+                             f"record with record_steps={self.steps}")
+        for r in self.sources:
+            differ = {k: (v, settings[k]) for k, v in r.settings.items() if settings[k] != v}
+            if differ:
+                k, (was, now) = next(iter(differ.items()))
+                raise ValueError(f"blend sources must be recorded with this call's settings: {k} was {was!r}, "
+                                 f"this call has {now!r}")
 
     def hook(self, step, groups=1):
-        if step >= self.steps:
+        a_rec, b_rec = self.sources
+        if step >= max(a_rec.steps, b_rec.steps):
             return None
-        a = mx.array(self.alphas, mx.float32)[:, None, None]
+        a = mx.array([0.0, 1.0] + list(self.alphas), mx.float32)[None, :, None, None]
+
+        def mix(ua, ub, like):  # (branches, T, D) each, None for none -> (branches * n, T, D)
+            ua = mx.zeros_like(ub) if ua is None else ua
+            ub = mx.zeros_like(ua) if ub is None else ub
+            m = (1 - a) * ua[:, None].astype(mx.float32) + a * ub[:, None].astype(mx.float32)
+            return m.reshape(-1, *m.shape[2:]).astype(like.dtype)
 
         def blend(kind, index, txt, img):
-            if kind != "double":
-                return txt, img
-            n = txt.shape[0] // groups
-            parts = []
-            for g in range(groups):
-                t = txt[g * n:(g + 1) * n]
-                mixed = ((1 - a) * t[0:1].astype(mx.float32) + a * t[1:2].astype(mx.float32)).astype(t.dtype)
-                parts.append(mx.concatenate([t[:2], mixed], axis=0))
-            return mx.concatenate(parts, axis=0), img
+            (ea_txt, ea_img), (eb_txt, eb_img) = (r.edits.get((step, kind, index), (None, None)) for r in self.sources)
+            if kind == "double" and step < self.steps:
+                txt = mix(a_rec.context[(step, index)], b_rec.context[(step, index)], txt)
+            elif ea_txt is not None or eb_txt is not None:
+                txt = txt + mix(ea_txt, eb_txt, txt)
+            if ea_img is not None or eb_img is not None:
+                img = img + mix(ea_img, eb_img, img)
+            return txt, img
         return blend
 
     def to_dict(self):
-        return asdict(self)
+        return dict(alphas=list(self.alphas), steps=self.steps)

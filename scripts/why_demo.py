@@ -5,10 +5,11 @@
     python scripts/why_demo.py named        # can the model draw the rarer kinds cleanly when the caption names them?
     python scripts/why_demo.py variants [--model FOLDER]   # hook variants, paired, on the selection seeds
     python scripts/why_demo.py steps        # how many of the first steps to repel, at which scales
+    python scripts/why_demo.py scales [--model FOLDER]     # the shipped settings on another model (training length)
 
-`clean`, `guidance` and `named` use evaluate.py's seeds (4 batches per caption; `named` 2); `variants` uses
-the seeds the defaults were chosen on (800000 on, 2 batches per caption; `steps` 4), so evaluate.py's stay
-unseen by choices.
+`clean`, `guidance` and `named` use evaluate.py's seeds (4 batches per caption; `named` 2); `variants`,
+`steps` and `scales` use the seeds the defaults were chosen on (800000 on; 2 batches per caption for
+`variants`, 4 for the others), so evaluate.py's stay unseen by choices.
 """
 
 import argparse
@@ -121,6 +122,19 @@ def variants(pipe):
         print(evaluate.comparison(label, r, results[0][1]))
 
 
+def scales(pipe):
+    """The bundled demo's repulsion at --diversity 0, 0.5 and 1 against the model's own base, paired, on the
+    selection seeds (4 batches per caption), whatever the model: how a differently trained model (--model
+    FOLDER) trades diversity for fidelity and cleanliness under the same settings."""
+    d = Defaults.for_model(weights.DEMO_DIR, weights.read_json(weights.DEMO_DIR / "transformer" / "config.json"))
+    base = evaluate.evaluate(pipe, shapes.prompts(), None, {}, groups=4, seed0=SELECTION_SEED0)
+    print(f"base: Vendi free {base['vendi_free']:.3f}, fidelity {base['fidelity']:.1%}, clean {base['clean']:.1%}")
+    for diversity in (0.0, 0.5, 1.0):
+        rep = d.repulsion(diversity)
+        r = evaluate.evaluate(pipe, shapes.prompts(), rep, {}, groups=4, seed0=SELECTION_SEED0)
+        print(evaluate.comparison(f"repulsion {rep.scale:.3g}", r, base))
+
+
 def steps(pipe):
     """Repelled steps and scales against the base model, paired, on the selection seeds (4 batches per
     caption): the sweep the demo's repulsion_steps and scale range were chosen from."""
@@ -145,7 +159,8 @@ def named(pipe):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    questions = {"clean": clean, "guidance": guidance, "named": named, "variants": variants, "steps": steps}
+    questions = {"clean": clean, "guidance": guidance, "named": named, "variants": variants, "steps": steps,
+                 "scales": scales}
     p.add_argument("question", choices=list(questions))
     p.add_argument("--model", default="demo")
     args = p.parse_args()

@@ -238,6 +238,10 @@ def test_refine_explore_blend_upscale_and_rerun(qtbot, make_window, tmp_path):
     bl = h.batch(blend)
     assert bl.recipe["blend"]["alphas"] == [1.3] and len(bl.images) == 3
     assert [im.label for im in bl.images][:2] == ["A", "B"]
+    # A and B come out as the favourites themselves, though their batch was repelled (recorded and replayed)
+    assert h.batch(first).recipe["repulsion"] is not None
+    for fav, row in ((a, bl.images[0]), (b, bl.images[1])):
+        assert np.abs(pixels(fav.path) - pixels(row.path)).max() <= 1
     lat = h.inputs(blend)["latents"]
     assert np.array_equal(lat[0], lat[2]) and not np.array_equal(lat[0], lat[1])  # the blend keeps A's noise
     with pytest.raises(ValueError):

@@ -246,15 +246,49 @@ def test_reference_set_pushes_a_new_batch_away_from_what_was_seen(schnell_dir):
     assert rep.signature(mx.zeros((1, 4, 3072))).shape == (1, rep.SIGNATURE_DIM)
 
 
-def test_blend_endpoints_and_direction(schnell_dir):
-    """alpha 0 reproduces A exactly; alpha moves the image from A toward B, further for larger alpha."""
+@pytest.mark.parametrize("true_cfg", [1.0, 2.0])
+def test_blend_of_repelled_images_reproduces_them_and_moves_between(schnell_dir, true_cfg):
+    """Two images of a repelled batch, recorded (`Pipeline.record`) and blended: the rows with A's and B's
+    noise at weights 0 and 1 are A and B again, exactly (the recorded repulsion edits replayed), where A
+    regenerated alone is another picture; weight 0 on A's noise is A; larger weights move farther from A.
+    With true CFG both branches are recorded and replayed."""
     pipe = Pipeline.from_pretrained(str(schnell_dir))
-    noise = np.random.default_rng(9).standard_normal((2, 64, 16)).astype(np.float32)
-    latents = np.concatenate([noise, noise[[0, 0, 0]]])
-    out = pipe.generate("a red circle", n=5, latents=latents, output_type="np", blend=Blend([0.0, 0.5, 1.5], steps=4)).images
-    a, b = out[0], out[1]
-    assert np.array_equal(out[2], a)
-    d = [np.abs(out[i] - a).mean() for i in (2, 3, 4)]
+    r = Repulsion(scale=SCALE, iterations=5, steps=2, blocks="all")
+    kw = dict(n=4, seed=3, repulsion=r, true_cfg=true_cfg)
+    batch = pipe.generate("a red circle", output_type="np", **kw)
+    alone = pipe.generate("a red circle", n=1, latents=batch.noise[1:2], output_type="np", true_cfg=true_cfg).images[0]
+    assert np.abs(alone - batch.images[1]).max() > 1e-2  # what blending A used to start from
+    a, b = pipe.record("a red circle", [1, 3], record_steps=3, **kw)
+    assert a.steps == 3 and a.context[(0, 0)].shape[0] == (2 if true_cfg > 1 else 1)
+    latents = batch.noise[[1, 3, 1, 1, 1]]
+    out = pipe.generate("a red circle", n=5, latents=latents, output_type="np", true_cfg=true_cfg,
+                        blend=Blend([0.0, 0.5, 1.5], steps=3, sources=(a, b))).images
+    np.testing.assert_allclose(out[0], batch.images[1], atol=1e-5)
+    np.testing.assert_allclose(out[1], batch.images[3], atol=1e-5)
+    np.testing.assert_allclose(out[2], batch.images[1], atol=1e-5)
+    d = [np.abs(out[i] - batch.images[1]).mean() for i in (2, 3, 4)]
     assert d[0] < d[1] < d[2]
+    # a blend of two blended images: recording the blend batch replays its own blend, so they come back too
+    blended = dict(n=5, latents=latents, true_cfg=true_cfg, blend=Blend([0.0, 0.5, 1.5], steps=3, sources=(a, b)))
+    c, e = pipe.record("a red circle", [3, 4], record_steps=3, **blended)
+    again = pipe.generate("a red circle", n=3, latents=latents[[3, 4, 3]], output_type="np", true_cfg=true_cfg,
+                          blend=Blend([0.5], steps=3, sources=(c, e))).images
+    np.testing.assert_allclose(again[:2], out[3:5], atol=1e-5)
+
+
+def test_blend_and_record_refuse_what_cannot_be_replayed(schnell_dir):
+    pipe = Pipeline.from_pretrained(str(schnell_dir))
+    a, b = pipe.record("a red circle", [0, 1], n=2, seed=1)
+    noise = pipe.noise([1, 2, 1])
     with pytest.raises(ValueError, match="alphas"):
-        Blend([2.0]).validate(3)
+        Blend([2.0], sources=(a, b)).validate(3, a.settings)
+    with pytest.raises(ValueError, match="recordings"):
+        pipe.generate("a red circle", n=3, latents=noise, blend=Blend([0.5]))
+    with pytest.raises(ValueError, match="prompt was 'a red circle'"):  # contexts of another prompt
+        pipe.generate("a blue square", n=3, latents=noise, blend=Blend([0.5], sources=(a, b)))
+    with pytest.raises(ValueError, match="3 steps"):
+        pipe.generate("a red circle", n=3, latents=noise, blend=Blend([0.5], steps=3, sources=(a, b)))
+    with pytest.raises(ValueError, match="ParticleGuidance"):
+        pipe.record("a red circle", [0], n=2, repulsion=ParticleGuidance(0.5))
+    with pytest.raises(ValueError, match="rows"):
+        pipe.record("a red circle", [2], n=2)
