@@ -1,10 +1,11 @@
 """Refining a favourite: each action turns images from the history into a `Job` for the engine.
 
 - vary subtly / strongly: a new batch whose noises are the favourite's noise mixed with new noise
-  (`mix_noise`), repelled among themselves;
+  (`mix_noise`), repelled among themselves, each given the push the favourite got in its own batch;
 - explore new directions: a new batch of the same prompt, repelled from every image already seen for
   this prompt (their contextual signatures as the reference set);
 - blend: two favourites of one prompt mixed in the contextual space, alpha in [-0.5, 1.5];
+  (vary and blend record their favourites from the batches they were made in: `Pipeline.record`)
 - upscale: the favourite regenerated at twice the size from its own image (image to image);
 - run again: a stored recipe, exactly, from the history's settings and inputs.
 """
@@ -60,14 +61,22 @@ def noise_of(history, image):
 
 
 def vary(history, image, variation: Variation, n: int, seed: int = None, low_memory=False) -> Job:
+    """New images near the favourite: its noise mixed with new noise, repelled among themselves, and each
+    given the push the favourite got from its own batch's repulsion (its recorded edits replayed: a blend of
+    the favourite with itself that swaps no contexts), without which a favourite that repulsion moved has
+    variations near its plain-seed twin instead."""
     batch = history.batch(image.batch_id)
+    if _blendable(batch) is None:
+        raise ValueError("an upscaled image cannot be varied: vary the favourite it was upscaled from")
     n = max(2, n)
     seed = new_seed(n) if seed is None else seed
     base = noise_of(history, image)
     return from_recipe(batch.recipe, kind=variation.kind, n=n, seed=seed, low_memory=low_memory,
                        noise=[Mix(base, seed + i, variation.mix) for i in range(n)],
                        diversity=variation.diversity, parent_image=image.id,
-                       labels=[f"variation {i + 1}" for i in range(n)], note=dict(mix=variation.mix))
+                       blend=dict(alphas=[0.0] * (n - 2), steps=0), sources=blend_sources(history, image.id, image.id),
+                       labels=[f"variation {i + 1}" for i in range(n)],
+                       note=dict(mix=variation.mix, a=image.id, b=image.id))
 
 
 def explore(history, batch, n: int, diversity, seed: int = None, low_memory=False) -> Job:

@@ -30,7 +30,7 @@ def recipe_fields(recipe: dict, image=None) -> list:
             ("diversity", diversity_text(recipe))]
     if recipe.get("guidance") is not None:
         rows.append(("guidance", f"{recipe['guidance']:g}"))
-    if recipe.get("blend"):
+    if recipe.get("blend") and app.get("kind") == "blend":
         rows.append(("blend", ", ".join(f"{a:g}" for a in recipe["blend"]["alphas"])))
     if recipe.get("strength") is not None:
         rows.append(("strength", f"{recipe['strength']:g}"))

@@ -308,7 +308,8 @@ def _read_recipe(path) -> dict:
     except ValueError as e:
         raise UsageError(str(e)) from e
     if recipe.get("blend"):
-        raise UsageError(f"{path} was made by contextual blending, which the command line cannot re-run")
+        raise UsageError(f"{path} was made from recorded contexts (the app's blend or variation of a favourite), "
+                         "which the command line cannot re-run")
     if recipe.get("strength") is not None:
         raise UsageError(f"{path} was made from an input image (image to image), which is not in the file")
     try:

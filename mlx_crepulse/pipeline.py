@@ -294,6 +294,8 @@ class Pipeline:
         run = self._begin(prompt, **{"n": n, **kw})
         steps = min(max(record_steps, method.steps if method is not None else 0), len(run.sigmas) - 1)
         recordings = [Recording(steps, run.settings) for _ in rows]
+        if steps == 0:  # nothing to replay: an unrepelled batch and no contexts asked for
+            return recordings
         record = list(zip(recordings, rows))
         for i, *_ in self.sample(run.x, run.txt, run.pooled, run.neg, run.sigmas, run.guidance, run.true_cfg,
                                  run.rows, run.cols, method, kw.get("blend"), record):

@@ -347,8 +347,9 @@ class CADS(Method):
 class Recording:
     """What the transformer did to one image of a batch during its first `steps` steps (`Pipeline.record`):
     its enriched text tokens after every double-stream block (the contextual space), and the edit the
-    diversity method (or a blend) made to its activations after every block it touched. Arrays are (branches, tokens, width):
-    2 branches with true CFG, else 1. `settings`: the call's, which a blend must share."""
+    diversity method (or a blend) made to its activations after every block it touched. Arrays are
+    (branches, tokens, width): 2 branches with true CFG, else 1. `settings`: the call's, which a blend
+    must share."""
     steps: int
     settings: dict
     context: dict = field(default_factory=dict)  # (step, double-block index) -> text tokens
@@ -362,7 +363,8 @@ class Recording:
                 pick = lambda a: a.reshape(-1, n, *a.shape[1:])[:, row]
                 if kind == "double":
                     self.context[(step, index)] = pick(new_txt)
-                edit = (None if new_txt is txt else pick(new_txt - txt), None if new_img is img else pick(new_img - img))
+                edit = (None if new_txt is txt else pick(new_txt - txt),
+                        None if new_img is img else pick(new_img - img))
                 if edit[0] is not None or edit[1] is not None:
                     self.edits[(step, kind, index)] = edit
                 return new_txt, new_img
@@ -418,7 +420,8 @@ class Blend:
             return m.reshape(-1, *m.shape[2:]).astype(like.dtype)
 
         def blend(kind, index, txt, img):
-            (ea_txt, ea_img), (eb_txt, eb_img) = (r.edits.get((step, kind, index), (None, None)) for r in self.sources)
+            (ea_txt, ea_img), (eb_txt, eb_img) = (r.edits.get((step, kind, index), (None, None))
+                                                  for r in self.sources)
             if kind == "double" and step < self.steps:
                 txt = mix(a_rec.context[(step, index)], b_rec.context[(step, index)], txt)
             elif ea_txt is not None or eb_txt is not None:

@@ -6,10 +6,11 @@
     python scripts/why_demo.py variants [--model FOLDER]   # hook variants, paired, on the selection seeds
     python scripts/why_demo.py steps        # how many of the first steps to repel, at which scales
     python scripts/why_demo.py scales [--model FOLDER]     # the shipped settings on another model (training length)
+    python scripts/why_demo.py favourites   # a repelled favourite alone, and its variations, with its edits replayed
 
 `clean`, `guidance` and `named` use evaluate.py's seeds (4 batches per caption; `named` 2); `variants`,
 `steps` and `scales` use the seeds the defaults were chosen on (800000 on; 2 batches per caption for
-`variants`, 4 for the others), so evaluate.py's stay unseen by choices.
+`variants`, 4 for the others), so evaluate.py's stay unseen by choices; `favourites` seeds of its own.
 """
 
 import argparse
@@ -22,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mlx_crepulse import Pipeline, Repulsion, weights  # noqa: E402
+from mlx_crepulse import Blend, Pipeline, Repulsion, mix_noise, weights  # noqa: E402
 from mlx_crepulse.pipeline import Defaults  # noqa: E402
 from mlx_crepulse.repulsion import ascend  # noqa: E402
 from scripts import evaluate, shapes  # noqa: E402
@@ -157,10 +158,47 @@ def named(pipe):
               f"{np.mean([r['faithful'] for r in rs]):6.1%}  as named {as_named:6.1%}  ({len(rs)} images)")
 
 
+FAVOURITE_SEED0 = 600_000  # seeds no other question uses
+
+
+def favourites(pipe):
+    """Favourites from repelled batches (every caption, 2 batches of 4 at --diversity 0.5): how many come
+    back as another picture when regenerated alone from their noise (what blending and varying did before
+    recording), and how often the app's variations (3 each: subtle mixes in 0.3 new noise, strong 0.65 and
+    repels at 0.5) keep the favourite's free attributes, with and without its recorded edits replayed."""
+    rep = pipe.defaults.repulsion(0.5)
+    stats = collections.defaultdict(list)
+    for k, prompt in enumerate(shapes.prompts()):
+        for g in range(2):
+            seed = FAVOURITE_SEED0 + 8 * (2 * k + g)
+            batch = pipe.generate(prompt, n=4, seed=seed, repulsion=rep, output_type="np")
+            recordings = pipe.record(prompt, [0, 1, 2, 3], record_steps=0, n=4, seed=seed, repulsion=rep)
+            for i, rec in enumerate(recordings):
+                fav = shapes.free_attributes(shapes.read(batch.images[i]))
+                alone = pipe.generate(prompt, n=1, latents=batch.noise[i:i + 1], output_type="np").images[0]
+                moved = shapes.free_attributes(shapes.read(alone)) != fav
+                stats["moved"].append(moved)
+                new = pipe.noise([seed + 100 + j for j in range(3)])
+                for name, mix, diversity in (("subtle", 0.3, 0.0), ("strong", 0.65, 0.5)):
+                    latents = np.stack([mix_noise(batch.noise[i], new[j], mix) for j in range(3)])
+                    for how, blend in (("alone", None), ("edits replayed", Blend([0.0], steps=0, sources=(rec, rec)))):
+                        out = pipe.generate(prompt, n=3, latents=latents, repulsion=pipe.defaults.repulsion(diversity),
+                                            blend=blend, output_type="np").images
+                        reads = [shapes.read(o) for o in out]
+                        keep = np.mean([shapes.free_attributes(r) == fav for r in reads])
+                        stats[(moved, name, how)].append((keep, np.mean([r["clean"] for r in reads])))
+    moved = stats.pop("moved")
+    print(f"{sum(moved)} of {len(moved)} favourites are another picture regenerated alone ({np.mean(moved):.1%})")
+    for (was_moved, name, how), v in sorted(stats.items()):
+        keep, clean = np.mean(v, axis=0)
+        print(f"{'moved' if was_moved else 'kept':5s} {name:6s} {how:14s} variations keep its free attributes "
+              f"{keep:6.1%}, clean {clean:6.1%}  ({len(v)} favourites)")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     questions = {"clean": clean, "guidance": guidance, "named": named, "variants": variants, "steps": steps,
-                 "scales": scales}
+                 "scales": scales, "favourites": favourites}
     p.add_argument("question", choices=list(questions))
     p.add_argument("--model", default="demo")
     args = p.parse_args()

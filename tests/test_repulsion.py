@@ -268,6 +268,10 @@ def test_blend_of_repelled_images_reproduces_them_and_moves_between(schnell_dir,
     np.testing.assert_allclose(out[2], batch.images[1], atol=1e-5)
     d = [np.abs(out[i] - batch.images[1]).mean() for i in (2, 3, 4)]
     assert d[0] < d[1] < d[2]
+    # A's edits alone (steps 0: no context swapped) on A's own noise bring A back as well: the app's variations
+    only_edits = pipe.generate("a red circle", n=2, latents=latents[[0, 0]], output_type="np", true_cfg=true_cfg,
+                               blend=Blend([], steps=0, sources=(a, a))).images
+    np.testing.assert_allclose(only_edits, batch.images[[1, 1]], atol=1e-5)
     # a blend of two blended images: recording the blend batch replays its own blend, so they come back too
     blended = dict(n=5, latents=latents, true_cfg=true_cfg, blend=Blend([0.0, 0.5, 1.5], steps=3, sources=(a, b)))
     c, e = pipe.record("a red circle", [3, 4], record_steps=3, **blended)
