@@ -143,7 +143,7 @@ class _Runner(QObject):
                               "ignored.")
         kw = self._arguments(pipe, job)
         if job.blend:
-            self.status.emit("recording A and B ...")
+            self.status.emit("recording the favourites in their batches ...")
             kw["blend"] = self._blend(pipe, job)
         self.status.emit("generating ...")
         last = {"t": 0.0, "cost": 0.0}
