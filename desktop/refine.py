@@ -132,7 +132,7 @@ def blend_sources(history, a_id: int, b_id: int) -> list:
     for image_id in (a_id, b_id):
         im = history.image(image_id)
         if im is None:
-            raise ValueError("an image this blend was made from has been deleted, so the blend cannot be made again")
+            raise ValueError("a favourite this batch was made from has been deleted, so it cannot be made again")
         if im.batch_id not in jobs:
             jobs[im.batch_id] = rerun(history, history.batch(im.batch_id))
         out.append((jobs[im.batch_id], im.index))
@@ -165,6 +165,7 @@ def rerun(history, batch, low_memory=False) -> Job:
     inputs = history.inputs(batch.id)
     latents = inputs.get("latents")
     labels = [im.label for im in batch.images] if any(im.label for im in batch.images) else None
+    # a blend's or a variation's favourites, recorded again from their own batches
     sources = blend_sources(history, batch.note["a"], batch.note["b"]) if r.get("blend") else None
     return from_recipe(r, kind="rerun", low_memory=low_memory, repulsion=r.get("repulsion"),
                        reference=inputs.get("reference"), blend=r.get("blend"), sources=sources,
