@@ -292,13 +292,15 @@ class Pipeline:
             raise ValueError(f"{type(method).__name__} acts outside the transformer's blocks, so its images "
                              "cannot be recorded for blending; only contextual repulsion or plain seeds can")
         run = self._begin(prompt, **{"n": n, **kw})
-        steps = min(max(record_steps, method.steps if method is not None else 0), len(run.sigmas) - 1)
+        blend = kw.get("blend")  # what the batch's own edits reach, so that they are all recorded
+        reach = max(method.steps if method is not None else 0, blend.reach if blend is not None else 0)
+        steps = min(max(record_steps, reach), len(run.sigmas) - 1)
         recordings = [Recording(steps, run.settings) for _ in rows]
-        if steps == 0:  # nothing to replay: an unrepelled batch and no contexts asked for
+        if steps == 0:  # nothing to replay: a batch nothing edited, and no contexts asked for
             return recordings
         record = list(zip(recordings, rows))
         for i, *_ in self.sample(run.x, run.txt, run.pooled, run.neg, run.sigmas, run.guidance, run.true_cfg,
-                                 run.rows, run.cols, method, kw.get("blend"), record):
+                                 run.rows, run.cols, method, blend, record):
             mx.eval([a for rec in recordings for a in rec.arrays()])
             if i + 1 >= steps:
                 break

@@ -407,9 +407,14 @@ class Blend:
                 raise ValueError(f"blend sources must be recorded with this call's settings: {k} was {was!r}, "
                                  f"this call has {now!r}")
 
+    @property
+    def reach(self) -> int:
+        """The steps it acts in: its context swaps and its sources' recorded edits."""
+        return max([self.steps] + [r.steps for r in self.sources])
+
     def hook(self, step, groups=1):
         a_rec, b_rec = self.sources
-        if step >= max(a_rec.steps, b_rec.steps):
+        if step >= self.reach:
             return None
         a = mx.array([0.0, 1.0] + list(self.alphas), mx.float32)[None, :, None, None]
 
