@@ -108,6 +108,7 @@ BAD = {
     "repulsion of one": ([PROMPT, "-n", "1", "--method", "contextual"], "needs 2 or more images"),
     "bad option": ([PROMPT, "--steps", "many"], "invalid int value: 'many'"),
     "from a non-recipe": (["--from", "a-file"], "cannot read a-file"),
+    "from a blend": (["--from", "blend.png"], "blend.png was made from recorded contexts", "cannot re-run"),
     "info a non-recipe": (["info", "a-file"], "cannot read a-file"),
     "download offline": (["download", "dev"], "FLUX.1-dev is not in the Hugging Face cache and HF_HUB_OFFLINE is set"),
 }
@@ -143,6 +144,9 @@ def jobs(tmp_path_factory, model_arg, schnell_dir, hf_home):
     for case, (args, *_) in BAD.items():
         cwd = folder(case.replace(" ", "-").replace("<", "lt"))
         (cwd / "a-file").write_text("not a folder")
+        if case == "from a blend":  # an app's blend or variation: its recipe needs recordings the file lacks
+            metadata.write_png(cwd / "blend.png", Image.new("RGB", (16, 16)),
+                               dict(prompt=PROMPT, n=3, seed=1, blend=dict(alphas=[0.5], steps=2)))
         if args and "--model" not in args and args[0] not in cli.SUBCOMMANDS and args[0] != "--from":
             args = args + ["--model", model_arg]
         started[case] = Job(args, cwd, hf_home / case.replace(" ", "-").replace("<", "lt"))
