@@ -1,7 +1,7 @@
 """Refining a favourite: each action turns images from the history into a `Job` for the engine.
 
 - vary subtly / strongly: a new batch whose noises are the favourite's noise mixed with new noise
-  (`mix_noise`), repelled among themselves, each given the push the favourite got in its own batch;
+  (`mix_noise`), repelled among themselves (subtly: each also given the push the favourite got in its batch);
 - explore new directions: a new batch of the same prompt, repelled from every image already seen for
   this prompt (their contextual signatures as the reference set);
 - blend: two favourites of one prompt mixed in the contextual space, alpha in [-0.5, 1.5];
@@ -24,9 +24,14 @@ class Variation:
     kind: str
     mix: float  # how much new noise: 0 = the favourite's own, 1 = all new
     diversity: float  # repulsion among the new images, on the model's range
+    # give each new image the push the favourite got from its batch's repulsion (its recorded edits): what
+    # keeps a repelled favourite's subtle variations near it (scripts/why_demo.py favourites: 58% keep its
+    # free attributes instead of 20%); strong ones gain little from it (30% instead of 24%) and lose more
+    # cleanliness, and are meant to move away anyway
+    replay: bool = False
 
 
-SUBTLE = Variation("vary-subtle", mix=0.3, diversity=0.0)
+SUBTLE = Variation("vary-subtle", mix=0.3, diversity=0.0, replay=True)
 STRONG = Variation("vary-strong", mix=0.65, diversity=0.5)
 EXPLORE_DIVERSITY = 0.5  # when the diversity control is off, explore still pushes this hard
 BLEND_STEPS = 2
@@ -61,22 +66,22 @@ def noise_of(history, image):
 
 
 def vary(history, image, variation: Variation, n: int, seed: int = None, low_memory=False) -> Job:
-    """New images near the favourite: its noise mixed with new noise, repelled among themselves, and each
-    given the push the favourite got from its own batch's repulsion (its recorded edits replayed: a blend of
-    the favourite with itself that swaps no contexts), without which a favourite that repulsion moved has
-    variations near its plain-seed twin instead."""
+    """New images near the favourite: its noise mixed with new noise, repelled among themselves; with
+    `variation.replay`, each given the push the favourite got from its own batch's repulsion (its recorded
+    edits replayed: a blend of the favourite with itself that swaps no contexts), without which a favourite
+    that repulsion moved has variations near its plain-seed twin instead."""
     batch = history.batch(image.batch_id)
-    if _blendable(batch) is None:
-        raise ValueError("an upscaled image cannot be varied: vary the favourite it was upscaled from")
     n = max(2, n)
     seed = new_seed(n) if seed is None else seed
     base = noise_of(history, image)
+    replay, note = {}, dict(mix=variation.mix)
+    if variation.replay and _blendable(batch) is not None:  # an upscale has no noise-only batch to replay
+        replay = dict(blend=dict(alphas=[0.0] * (n - 2), steps=0), sources=blend_sources(history, image.id, image.id))
+        note.update(a=image.id, b=image.id)  # where `rerun` finds the favourite again
     return from_recipe(batch.recipe, kind=variation.kind, n=n, seed=seed, low_memory=low_memory,
                        noise=[Mix(base, seed + i, variation.mix) for i in range(n)],
-                       diversity=variation.diversity, parent_image=image.id,
-                       blend=dict(alphas=[0.0] * (n - 2), steps=0), sources=blend_sources(history, image.id, image.id),
-                       labels=[f"variation {i + 1}" for i in range(n)],
-                       note=dict(mix=variation.mix, a=image.id, b=image.id))
+                       diversity=variation.diversity, parent_image=image.id, **replay,
+                       labels=[f"variation {i + 1}" for i in range(n)], note=note)
 
 
 def explore(history, batch, n: int, diversity, seed: int = None, low_memory=False) -> Job:

@@ -337,13 +337,8 @@ class MainWindow(QMainWindow):
         im = self.selected_image()
         if im is None:
             return False
-        try:
-            job = refine.vary(self.history, im, variation, self.form.n.value(),
-                              low_memory=self.form.low_memory.isChecked())
-        except ValueError as e:
-            self.banner.show_message(str(e))
-            return False
-        return self.start(job)
+        return self.start(refine.vary(self.history, im, variation, self.form.n.value(),
+                                      low_memory=self.form.low_memory.isChecked()))
 
     def explore(self) -> bool:
         b = self._context_batch()

@@ -222,7 +222,8 @@ def test_refine_explore_blend_upscale_and_rerun(qtbot, make_window, tmp_path):
         bb = h.batch(batch_id)
         assert bb.kind.startswith("vary") and bb.parent_image == parent and len(bb.images) == 3
         assert bb.recipe["repulsion"]["method"] == "Repulsion"  # repelled among themselves
-        assert bb.recipe["blend"] == dict(alphas=[0.0], steps=0)  # and pushed as the favourite was
+    assert h.batch(subtle).recipe["blend"] == dict(alphas=[0.0], steps=0)  # subtly: pushed as the favourite was
+    assert h.batch(strong).recipe["blend"] is None
 
     def closeness(batch_id):  # mean correlation of the new noises with each other
         lat = h.inputs(batch_id)["latents"]
