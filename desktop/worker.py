@@ -206,7 +206,8 @@ class _Runner(QObject):
             kw = self._arguments(pipe, src)
             if src.blend:
                 kw["blend"] = self._blend(pipe, src)
-            made = pipe.record(src.prompt, rows, record_steps=job.blend["steps"], **kw)
+            made = pipe.record(src.prompt, rows, record_steps=job.blend["steps"],
+                               callback=lambda p: not self.cancel_flag.is_set(), **kw)
             recordings.update({(id(src), i): rec for i, rec in zip(rows, made)})
         return Blend(**job.blend, sources=tuple(recordings[(id(s), i)] for s, i in job.sources))
 

@@ -278,11 +278,12 @@ class Pipeline:
         return Result(images, run.seeds, np.array(run.noise), np.array(sig) if sig is not None else None, settings,
                       time.perf_counter() - started)
 
-    def record(self, prompt: str, rows: list, record_steps: int = 2, **kw) -> list:
+    def record(self, prompt: str, rows: list, record_steps: int = 2, callback: Optional[Callable] = None,
+               **kw) -> list:
         """What the transformer does to images `rows` of the batch `generate(prompt, **kw)` makes, during
         its first `record_steps` steps (at least as many as the batch is repelled): a `Recording` per row,
         the sources of a `Blend` (a blend batch can be recorded too: its own blend is replayed). Runs only
-        those steps; decodes nothing."""
+        those steps; decodes nothing. `callback(progress)` as for `generate`."""
         n = kw.get("n", 4)
         bad = [r for r in rows if not (isinstance(r, int) and 0 <= r < n)]
         if bad or not rows:
@@ -299,9 +300,14 @@ class Pipeline:
         if steps == 0:  # nothing to replay: a batch nothing edited, and no contexts asked for
             return recordings
         record = list(zip(recordings, rows))
-        for i, *_ in self.sample(run.x, run.txt, run.pooled, run.neg, run.sigmas, run.guidance, run.true_cfg,
-                                 run.rows, run.cols, method, blend, record):
+        started = time.perf_counter()
+        for i, x, x0, _ in self.sample(run.x, run.txt, run.pooled, run.neg, run.sigmas, run.guidance,
+                                       run.true_cfg, run.rows, run.cols, method, blend, record):
             mx.eval([a for rec in recordings for a in rec.arrays()])
+            if callback is not None:
+                p = Progress(i + 1, steps, time.perf_counter() - started, n, self, x0, (run.rows, run.cols))
+                if callback(p) is False:
+                    raise Cancelled()
             if i + 1 >= steps:
                 break
         return recordings

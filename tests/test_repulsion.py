@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mlx_crepulse import CADS, Blend, ParticleGuidance, Pipeline, Repulsion, vendi_score
+from mlx_crepulse import CADS, Blend, Cancelled, ParticleGuidance, Pipeline, Repulsion, vendi_score
 from mlx_crepulse import repulsion as rep
 from tests import tiny
 
@@ -298,3 +298,7 @@ def test_blend_and_record_refuse_what_cannot_be_replayed(schnell_dir):
         pipe.record("a red circle", [0], n=2, repulsion=ParticleGuidance(0.5))
     with pytest.raises(ValueError, match="rows"):
         pipe.record("a red circle", [2], n=2)
+    steps = []  # the callback sees each recorded step and can stop the recording, as generate's can
+    with pytest.raises(Cancelled):
+        pipe.record("a red circle", [0], n=2, record_steps=3, callback=lambda p: steps.append(p.step) or p.step < 2)
+    assert steps == [1, 2]
