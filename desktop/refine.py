@@ -120,9 +120,9 @@ def blend(history, a, b, alphas, low_memory=False) -> Job:
     bad = [x for x in alphas if not ALPHA_RANGE[0] <= x <= ALPHA_RANGE[1]]
     if bad:
         raise ValueError(f"blend alpha must lie in [{ALPHA_RANGE[0]}, {ALPHA_RANGE[1]}], not {bad}")
-    if _blendable(history.batch(a.batch_id)) is None or _blendable(history.batch(b.batch_id)) is None:
-        raise ValueError("an upscaled image cannot be blended: blend the favourites it was upscaled from")
     batch = history.batch(a.batch_id)
+    if _blendable(batch) is None or _blendable(history.batch(b.batch_id)) is None:
+        raise ValueError("an upscaled image cannot be blended: blend the favourites it was upscaled from")
     na, nb = noise_of(history, a), noise_of(history, b)
     return from_recipe(batch.recipe, kind="blend", n=2 + len(alphas), seed=int(a.seed), low_memory=low_memory,
                        noise=[na, nb] + [na] * len(alphas), blend=dict(alphas=alphas, steps=BLEND_STEPS),

@@ -387,7 +387,7 @@ class Pipeline:
                                        blend.hook(i, groups) if blend is not None else None) if h is not None])
             for rec, row in record or ():  # each recorder sees the activations before and after the edits
                 if i < rec.steps:
-                    edit = rec.recorder(i, row, n)(edit)
+                    edit = rec.wrap(edit, i, row, n)
             hooks = [edit] if edit is not None else []
             if i == 0:  # record each image's contextual signature once, after any update at that block
                 hooks.append(_capture(sig_block, n, signatures))

@@ -355,21 +355,19 @@ class Recording:
     context: dict = field(default_factory=dict)  # (step, double-block index) -> text tokens
     edits: dict = field(default_factory=dict)  # (step, kind, block index) -> (text edit, image edit), None = none
 
-    def recorder(self, step: int, row: int, n: int):
-        """Record row `row` of a batch of n (per branch) into this recording, around the step's edits (a hook)."""
-        def record(hook):
-            def recording(kind, index, txt, img):
-                new_txt, new_img = hook(kind, index, txt, img) if hook is not None else (txt, img)
-                pick = lambda a: a.reshape(-1, n, *a.shape[1:])[:, row]
-                if kind == "double":
-                    self.context[(step, index)] = pick(new_txt)
-                edit = (None if new_txt is txt else pick(new_txt - txt),
-                        None if new_img is img else pick(new_img - img))
-                if edit[0] is not None or edit[1] is not None:
-                    self.edits[(step, kind, index)] = edit
-                return new_txt, new_img
-            return recording
-        return record
+    def wrap(self, hook, step: int, row: int, n: int):
+        """`hook` (the step's edits, or None), recording what it does to row `row` of a batch of n (per
+        branch) into this recording."""
+        def recording(kind, index, txt, img):
+            new_txt, new_img = hook(kind, index, txt, img) if hook is not None else (txt, img)
+            pick = lambda a: a.reshape(-1, n, *a.shape[1:])[:, row]
+            if kind == "double":
+                self.context[(step, index)] = pick(new_txt)
+            edit = (None if new_txt is txt else pick(new_txt - txt), None if new_img is img else pick(new_img - img))
+            if edit[0] is not None or edit[1] is not None:
+                self.edits[(step, kind, index)] = edit
+            return new_txt, new_img
+        return recording
 
     def arrays(self) -> list:
         return list(self.context.values()) + [e for pair in self.edits.values() for e in pair if e is not None]
@@ -400,12 +398,10 @@ class Blend:
         if short:
             raise ValueError(f"the blend's {self.steps} steps need recordings of {self.steps} steps, not {short[0]}: "
                              f"record with record_steps={self.steps}")
-        for r in self.sources:
-            differ = {k: (v, settings[k]) for k, v in r.settings.items() if settings[k] != v}
-            if differ:
-                k, (was, now) = next(iter(differ.items()))
+        for k, was in (kv for r in self.sources for kv in r.settings.items()):
+            if settings[k] != was:
                 raise ValueError(f"blend sources must be recorded with this call's settings: {k} was {was!r}, "
-                                 f"this call has {now!r}")
+                                 f"this call has {settings[k]!r}")
 
     @property
     def reach(self) -> int:

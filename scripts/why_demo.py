@@ -106,10 +106,15 @@ class BranchesAsOne(Repulsion):
         return joint.reshape(b, groups, -1).transpose(1, 0, 2).reshape(x.shape)
 
 
+def bundled_defaults() -> Defaults:
+    """The bundled demo's defaults (its repulsion settings), to run on any model so that models compare alike."""
+    return Defaults.for_model(weights.DEMO_DIR, weights.read_json(weights.DEMO_DIR / "transformer" / "config.json"))
+
+
 def variants(pipe):
     """Hook variants against the base model, paired, on the seeds the defaults were chosen on. The
     bundled demo's repulsion settings whatever the model, so that two models are compared alike."""
-    d = Defaults.for_model(weights.DEMO_DIR, weights.read_json(weights.DEMO_DIR / "transformer" / "config.json"))
+    d = bundled_defaults()
     recommended = d.repulsion(0.5)  # --diversity 0.5
     rows = [("base", None)] + [(f"{name} {rep.scale:.3g}", rep) for name, rep in (
         ("all blocks", d.repulsion(0.0)), ("all blocks", recommended),
@@ -127,7 +132,7 @@ def scales(pipe):
     """The bundled demo's repulsion at --diversity 0, 0.5 and 1 against the model's own base, paired, on the
     selection seeds (4 batches per caption), whatever the model: how a differently trained model (--model
     FOLDER) trades diversity for fidelity and cleanliness under the same settings."""
-    d = Defaults.for_model(weights.DEMO_DIR, weights.read_json(weights.DEMO_DIR / "transformer" / "config.json"))
+    d = bundled_defaults()
     base = evaluate.evaluate(pipe, shapes.prompts(), None, {}, groups=4, seed0=SELECTION_SEED0)
     print(f"base: Vendi free {base['vendi_free']:.3f}, fidelity {base['fidelity']:.1%}, clean {base['clean']:.1%}")
     for diversity in (0.0, 0.5, 1.0):
@@ -179,6 +184,7 @@ def favourites(pipe):
                 moved = shapes.free_attributes(shapes.read(alone)) != fav
                 stats["moved"].append(moved)
                 new = pipe.noise([seed + 100 + j for j in range(3)])
+                # desktop/refine.py's SUBTLE and STRONG (the scripts do not import the app)
                 for name, mix, diversity in (("subtle", 0.3, 0.0), ("strong", 0.65, 0.5)):
                     latents = np.stack([mix_noise(batch.noise[i], new[j], mix) for j in range(3)])
                     for how, blend in (("alone", None), ("edits replayed", Blend([0.0], steps=0, sources=(rec, rec)))):
