@@ -15,7 +15,7 @@ from typing import Callable, Optional
 import mlx.core as mx
 import numpy as np
 
-from . import sampling, weights
+from . import lora, sampling, weights
 from .models import autoencoder, clip, t5
 from .models.flux import FluxTransformer
 from .repulsion import Blend, Method, Recording, Repulsion, signature
@@ -124,10 +124,11 @@ class Pipeline:
 
     @classmethod
     def from_pretrained(cls, source: str = "demo", quantize: Optional[int] = None, low_memory: bool = False,
-                        progress: bool = False) -> "Pipeline":
+                        progress: bool = False, loras=None) -> "Pipeline":
         """Load "demo", "schnell", "dev", a Hub repo id or a diffusers-layout folder; quantize the
         transformer and T5 to 4 or 8 bits while loading. With `low_memory`, T5 and CLIP are freed once
-        a prompt is encoded and read again for the next new prompt."""
+        a prompt is encoded and read again for the next new prompt. `loras`: [(path or Hub reference
+        `owner/name:file.safetensors`, scale), ...] or recorded dicts (see `lora.read_all`)."""
         if quantize not in (None, 4, 8):
             raise ValueError(f"quantize must be None, 4 or 8 (bits), not {quantize!r}")
         folder = weights.resolve(source, progress=progress)
@@ -143,6 +144,7 @@ class Pipeline:
             weights.weight_files(folder / name)
         tokenizer, tokenizer_2 = (_tokenizer(folder / name) for name in ("tokenizer", "tokenizer_2"))
         scheduler = weights.read_json(folder / "scheduler" / "scheduler_config.json")
+        lora_files = lora.read_all(loras)  # every LoRA file checked before the model is read
 
         def component(name, model_cls, sanitize):
             config = configs[name]
@@ -158,9 +160,21 @@ class Pipeline:
         vae = component("vae", autoencoder.AutoencoderKL, autoencoder.sanitize)
         clip_model, t5_model = encoders()
         defaults = Defaults.for_model(folder, transformer.config)
-        return cls(transformer, clip_model, t5_model, vae, tokenizer, tokenizer_2, scheduler, defaults,
+        pipe = cls(transformer, clip_model, t5_model, vae, tokenizer, tokenizer_2, scheduler, defaults,
                    source=str(source), quantize=_saved_bits(transformer.config) or quantize,
                    reload_encoders=encoders if low_memory else None)
+        if lora_files:
+            pipe.set_loras(lora_files)
+        return pipe
+
+    def set_loras(self, loras):
+        """Replace the LoRAs (as `from_pretrained`'s `loras`; [] for none); the base comes back exactly."""
+        lora.set_loras(self, loras)
+
+    @property
+    def loras(self) -> list:
+        """The LoRAs applied, in order: [{"file", "scale", "sha256", "source"}], as a recipe records them."""
+        return lora.recorded(self)
 
     def save(self, folder):
         """Write a folder in the diffusers layout that loads again as it is (already quantized, if it is)."""

@@ -1,0 +1,155 @@
+"""LoRAs against diffusers + peft, in three namings, on float and quantized bases, and every bad file.
+
+The authority: random LoRAs made by peft on the tiny pipelines of tests/tiny.py, written by diffusers'
+`FluxPipeline.save_lora_weights`, loaded into diffusers' `FluxPipeline` by `load_lora_weights` and
+weighted by `set_adapters`; images from the same latents. The text encoder's LoRA is checked against
+peft's own LoRA layers injected into transformers' CLIP (diffusers' text-encoder loading needs a newer
+peft than this environment's). kohya and BFL files are the same LoRA renamed by diffusers' key rules
+(tests/lora_files.py), so they must give the same images.
+"""
+
+import functools
+import hashlib
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+from mlx.utils import tree_flatten
+
+from mlx_crepulse import Pipeline, WeightsError, lora
+from tests import lora_files, tiny
+from tests.test_pipeline import PROMPT, latents, loaded
+
+
+@pytest.fixture(scope="module")
+def files(schnell_dir, dev_dir, wide_dir, tmp_path_factory):
+    """Random LoRAs: a, b (transformer only) on the schnell-like model, c with CLIP on it too (and its
+    kohya file), d and e on the dev-like one, w on the wide one; a's BFL file."""
+    root = tmp_path_factory.mktemp("loras")
+    out = {"a": lora_files.make(schnell_dir, root / "a.safetensors", seed=1, text_encoder=False),
+           "c": lora_files.make(schnell_dir, root / "c.safetensors", seed=3),
+           "d": lora_files.make(dev_dir, root / "d.safetensors", seed=4, text_encoder=False),
+           "e": lora_files.make(dev_dir, root / "e.safetensors", seed=5, rank=2, alpha=2, text_encoder=False),
+           "w": lora_files.make(wide_dir, root / "w.safetensors", seed=6, text_encoder=False, std=0.05)}
+    out["a_bfl"] = lora_files.write_bfl(out["a"], root / "a_bfl.safetensors")
+    out["c_kohya"] = lora_files.write_kohya(out["c"], root / "c_kohya.safetensors")
+    out["root"] = root
+    return out
+
+
+def diffusers_images(folder, L, loras):
+    """diffusers' FluxPipeline with `loras` [(file, scale)] loaded as named adapters and weighted."""
+    ref = tiny.reference(folder)
+    ref.set_progress_bar_config(disable=True)
+    names = [f"l{i}" for i in range(len(loras))]
+    for name, (path, _) in zip(names, loras):
+        ref.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
+    ref.set_adapters(names, adapter_weights=[s for _, s in loras])
+    return ref(PROMPT, latents=torch.from_numpy(L), num_inference_steps=4, guidance_scale=3.5, height=tiny.SIZE,
+               width=tiny.SIZE, max_sequence_length=tiny.SEQ, output_type="np",
+               num_images_per_prompt=L.shape[0]).images
+
+
+def images(pipe, L):
+    return pipe.generate(PROMPT, n=L.shape[0], latents=L, output_type="np", steps=4).images
+
+
+@functools.lru_cache(maxsize=None)
+def fresh(folder, quantize=None):
+    """A pipeline of our own for LoRA tests (the shared `loaded` ones must stay without LoRAs)."""
+    return Pipeline.from_pretrained(str(folder), quantize=quantize)
+
+
+# --------------------------------------------------------------------------- against diffusers
+
+
+@pytest.mark.parametrize("scale", [0.5, 1.0])
+def test_lora_matches_diffusers(scale, schnell_dir, files):
+    """One diffusers-format LoRA (PEFT's alpha/rank = 2 read from the file's header) at scales 0.5 and
+    1 gives diffusers' images within 2e-3, and changes them (the LoRA is not ignored)."""
+    L = latents()
+    want = diffusers_images(schnell_dir, L, [(files["a"], scale)])
+    pipe = fresh(schnell_dir)
+    pipe.set_loras([(files["a"], scale)])
+    got = images(pipe, L)
+    base = images(loaded(schnell_dir), L)
+    err = np.abs(got - want).max()
+    print(f"scale {scale}: max abs difference to diffusers {err:.2e}, LoRA effect {np.abs(got - base).max():.2f}")
+    assert err <= 2e-3 and np.abs(got - base).max() > 0.05
+
+
+def test_two_loras_match_diffusers(dev_dir, files):
+    """Two LoRAs at once (ranks 4 and 2, alphas 8 and 2), at scales 0.5 and 1, on the dev-like model
+    (guidance embedder adapted too): diffusers' images within 2e-3; pipe.loras records both in order."""
+    L = latents()
+    loras = [(files["d"], 0.5), (files["e"], 1.0)]
+    want = diffusers_images(dev_dir, L, loras)
+    pipe = Pipeline.from_pretrained(str(dev_dir), loras=loras)
+    got = images(pipe, L)
+    err = np.abs(got - want).max()
+    print(f"two LoRAs: max abs difference to diffusers {err:.2e}")
+    assert err <= 2e-3
+    assert [(r["file"], r["scale"]) for r in pipe.loras] == [("d.safetensors", 0.5), ("e.safetensors", 1.0)]
+
+
+def test_text_encoder_lora_matches_peft(schnell_dir, files):
+    """The CLIP part of a diffusers LoRA file (keys text_encoder.encoder.layers...) applied at 0.7 gives
+    the pooled embedding of transformers' CLIP with peft's LoRA layers and lora_B scaled by 0.7 x alpha/r,
+    within 1e-4; the prompt cache is dropped when the LoRAs change."""
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import CLIPTextModel
+    pipe = fresh(schnell_dir)
+    pipe.set_loras([])
+    before = np.array(pipe.encode(PROMPT, tiny.SEQ)[1])
+    pipe.set_loras([(files["c"], 0.7)])
+    ours = np.array(pipe.encode(PROMPT, tiny.SEQ)[1])
+    sd = {k[len("text_encoder."):]: v * (0.7 * lora_files.alpha_over_rank(files["c"]) if ".lora_B." in k else 1)
+          for k, v in load_file(str(files["c"])).items() if k.startswith("text_encoder.")}
+    clip = inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, target_modules=lora_files.CLIP_TARGETS),
+                                   CLIPTextModel.from_pretrained(schnell_dir / "text_encoder"))
+    set_peft_model_state_dict(clip, sd)
+    ids = torch.tensor([pipe.tokenizer.ids(PROMPT, pipe.tokenizer.model_max_length)[0]])
+    with torch.no_grad():
+        want = clip(ids).pooler_output.numpy()
+    err = np.abs(ours - want).max()
+    print(f"CLIP with LoRA: max abs difference to peft {err:.2e}")
+    assert err <= 1e-4 and np.abs(ours - before).max() > 1e-2
+
+
+# --------------------------------------------------------------------------- other namings
+
+
+def test_bfl_and_kohya_files_give_the_same_images(schnell_dir, files):
+    """a in BFL naming (diffusion_model.double_blocks.0.img_attn.qkv.lora_A, fused qkv and linear1, the
+    final modulation's halves swapped) and c in kohya naming (lora_unet_..., lora_te1_..., alpha = rank/2)
+    give the images of their diffusers files within 1e-4."""
+    L = latents()
+    pipe = fresh(schnell_dir)
+    for plain, renamed in (("a", "a_bfl"), ("c", "c_kohya")):
+        pipe.set_loras([(files[plain], 0.8)])
+        want = images(pipe, L)
+        pipe.set_loras([(files[renamed], 0.8)])
+        got = images(pipe, L)
+        err = np.abs(got - want).max()
+        print(f"{renamed}: max abs difference to {plain} {err:.2e}")
+        assert err <= 1e-4
+
+
+def test_kohya_naming_agrees_with_diffusers_converter(schnell_dir, files):
+    """diffusers' own kohya converter (_convert_kohya_flux_lora_to_diffusers) on the kohya file, restricted
+    to the double blocks (its single-block split is sized for full FLUX only), gives lora_B @ lora_A
+    products equal to ours for every layer (alpha / rank applied, fused qkv split)."""
+    from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_diffusers
+    from safetensors.torch import load_file
+    sd = {k: v for k, v in load_file(str(files["c_kohya"])).items() if "double_blocks" in k}
+    theirs = _convert_kohya_flux_lora_to_diffusers(dict(sd))
+    f = lora.read(files["c_kohya"])
+    f.pairs = {k: v for k, v in f.pairs.items() if "double_blocks" in k}
+    ours = lora.deltas(f, {"transformer": lora.linear_layers(fresh(schnell_dir).transformer)})
+    assert len(ours) == 2 * 14  # per block: q, k, v twice (from 2 qkv), 2 out projections, 4 MLP, 2 mod
+    for (_, path), [(a, b)] in ours.items():
+        key = f"transformer.{path}"
+        want = theirs[key + ".lora_B.weight"] @ theirs[key + ".lora_A.weight"]
+        assert np.allclose(np.array(b @ a), want.numpy(), atol=1e-5), path
