@@ -31,7 +31,7 @@ def files(schnell_dir, dev_dir, wide_dir, tmp_path_factory):
            "c": lora_files.make(schnell_dir, root / "c.safetensors", seed=3),
            "d": lora_files.make(dev_dir, root / "d.safetensors", seed=4, text_encoder=False),
            "e": lora_files.make(dev_dir, root / "e.safetensors", seed=5, rank=2, alpha=2, text_encoder=False),
-           "w": lora_files.make(wide_dir, root / "w.safetensors", seed=6, text_encoder=False, std=0.05)}
+           "w": lora_files.make(wide_dir, root / "w.safetensors", seed=6, text_encoder=False, std=0.1)}
     out["a_bfl"] = lora_files.write_bfl(out["a"], root / "a_bfl.safetensors")
     out["c_kohya"] = lora_files.write_kohya(out["c"], root / "c_kohya.safetensors")
     out["root"] = root
@@ -153,3 +153,65 @@ def test_kohya_naming_agrees_with_diffusers_converter(schnell_dir, files):
         key = f"transformer.{path}"
         want = theirs[key + ".lora_B.weight"] @ theirs[key + ".lora_A.weight"]
         assert np.allclose(np.array(b @ a), want.numpy(), atol=1e-5), path
+
+
+# --------------------------------------------------------------------------- applying, restoring
+
+
+def test_scale_zero_and_removal_restore_the_base_bit_for_bit(schnell_dir, files):
+    """A LoRA at scale 0 gives the base's images bit for bit; after set_loras([]) the layers are the very
+    objects they were and the images are again the base's bit for bit; a LoRA never changes the model's
+    parameter names or values (saving writes the base)."""
+    L = latents(n=1)
+    pipe = fresh(schnell_dir)
+    pipe.set_loras([])
+    layers = dict(pipe.transformer.named_modules())
+    params = {k: np.array(v) for k, v in tree_flatten(pipe.transformer.parameters())}
+    base = images(pipe, L)
+    pipe.set_loras([(files["a"], 0.0), (files["c"], 0)])
+    assert np.array_equal(images(pipe, L), base)
+    pipe.set_loras([(files["a"], 1.0)])
+    assert type(pipe.transformer.transformer_blocks[0].attn.to_q) is lora.LoraLinear
+    assert {k: np.array(v) for k, v in tree_flatten(pipe.transformer.parameters())}.keys() == params.keys()
+    assert not np.array_equal(images(pipe, L), base)
+    pipe.set_loras([])
+    assert all(m is layers[p] for p, m in pipe.transformer.named_modules())
+    assert all(np.array_equal(np.array(v), params[k]) for k, v in tree_flatten(pipe.transformer.parameters()))
+    assert np.array_equal(images(pipe, L), base) and pipe.loras == []
+
+
+def test_quantized_base_keeps_its_loras(wide_dir, files):
+    """On 8- and 4-bit bases the LoRA stays beside the quantized layers at full precision: against float32
+    + LoRA, 8-bit + LoRA is within the quantization tests' 0.05, 4-bit + LoRA within 1.5x the 4-bit base's
+    own error against float32; and at both widths the quantized image without the LoRA is more than twice
+    as far (so a LoRA dropped on a quantized base fails)."""
+    L = latents()
+    pipe = fresh(wide_dir)
+    pipe.set_loras([])
+    base = images(pipe, L)
+    pipe.set_loras([(files["w"], 1.0)])
+    want = images(pipe, L)
+    for bits in (8, 4):
+        q = Pipeline.from_pretrained(str(wide_dir), quantize=bits)
+        without = images(q, L)
+        q.set_loras([(files["w"], 1.0)])
+        assert type(q.transformer.transformer_blocks[0].attn.to_q) is lora.LoraQuantizedLinear
+        got = images(q, L)
+        err, dropped, own = (np.abs(x - y).max() for x, y in ((got, want), (without, want), (without, base)))
+        print(f"{bits}-bit + LoRA: max abs difference to float32 + LoRA {err:.3f}; without the LoRA {dropped:.3f}; "
+              f"{bits}-bit base to float32 base {own:.3f}")
+        assert dropped > 2 * err
+        assert err <= (0.05 if bits == 8 else 1.5 * own)
+
+
+def test_low_memory_mode_reapplies_text_encoder_loras(schnell_dir, files):
+    """In low-memory mode CLIP is freed after each prompt and read again: the LoRA's CLIP part is applied
+    to each new copy (the images equal the normal mode's bit for bit)."""
+    L = latents(n=1)
+    pipe = fresh(schnell_dir)
+    pipe.set_loras([(files["c"], 1.0)])
+    want = images(pipe, L)
+    low = Pipeline.from_pretrained(str(schnell_dir), low_memory=True, loras=[(files["c"], 1.0)])
+    assert np.array_equal(images(low, L), want)
+    low._prompt_cache.clear()  # a new prompt reads CLIP again
+    assert low.text_encoder is None and np.array_equal(images(low, L), want)
