@@ -215,3 +215,119 @@ def test_low_memory_mode_reapplies_text_encoder_loras(schnell_dir, files):
     assert np.array_equal(images(low, L), want)
     low._prompt_cache.clear()  # a new prompt reads CLIP again
     assert low.text_encoder is None and np.array_equal(images(low, L), want)
+
+
+# --------------------------------------------------------------------------- bad files
+
+
+def _save(path, tensors):
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+    return path
+
+
+def _bad_files(files, root):
+    """name -> (file, words its one error must contain besides the file's name)."""
+    from safetensors.torch import load_file
+    good = load_file(str(files["a"]))
+    r = torch.randn
+    out = {
+        "no key matches (SDXL)": (_save(root / "sdxl.safetensors", {
+            "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": r(4, 32),
+            "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": r(32, 4)}),
+            ["1 of 1 layers match no layer", "lora_unet_down_blocks_0_attentions_0_proj_in"]),
+        "partial match": (_save(root / "partial.safetensors", {
+            **good, "transformer.transformer_blocks.7.attn.to_q.lora_A.weight": r(4, 32),
+            "transformer.transformer_blocks.7.attn.to_q.lora_B.weight": r(32, 4)}),
+            ["match no layer", "transformer.transformer_blocks.7.attn.to_q"]),
+        "shape": (files["w"], ["transformer.", "needs", "another model"]),
+        "half a pair": (_save(root / "half.safetensors", {
+            k: v for k, v in good.items() if k != "transformer.proj_out.lora_B.weight"}),
+            ["transformer.proj_out", "no lora_B"]),
+        "stray tensor": (_save(root / "stray.safetensors", {**good, "transformer.proj_out.weight": r(16, 32)}),
+                         ["transformer.proj_out.weight", "not part of a LoRA pair"]),
+        "DoRA": (_save(root / "dora.safetensors", {**good, "transformer.proj_out.lora_magnitude_vector": r(16)}),
+                 ["DoRA"]),
+        "not a LoRA": (_save(root / "empty.safetensors", {}), ["no LoRA tensors"]),
+    }
+    torch.save(good, root / "pickled.safetensors")
+    out["pickle"] = (root / "pickled.safetensors", ["pickle", "never loaded"])
+    data = files["a"].read_bytes()
+    (root / "truncated.safetensors").write_bytes(data[:len(data) // 2])
+    out["truncated"] = (root / "truncated.safetensors", ["truncated"])
+    (root / "cut_header.safetensors").write_bytes(data[:40])
+    out["truncated header"] = (root / "cut_header.safetensors", ["truncated"])
+    return out
+
+
+def test_every_bad_file_is_one_clear_error_before_any_change(schnell_dir, files, tmp_path):
+    """No matching key, a partial match, a shape that does not fit, half a pair, a stray tensor, a DoRA,
+    an empty file, a pickle, a truncated file: each is one LoraError (a WeightsError) naming the file and
+    the key, raised by set_loras before any layer changes (the LoRA already applied stays, the images are
+    the same bit for bit), and by from_pretrained before the model's weights are read."""
+    L = latents(n=1)
+    pipe = fresh(schnell_dir)
+    pipe.set_loras([(files["a"], 1.0)])
+    before = images(pipe, L)
+    for case, (path, words) in _bad_files(files, tmp_path).items():
+        with pytest.raises(lora.LoraError) as e:
+            pipe.set_loras([(files["a"], 1.0), (path, 1.0)])
+        message = str(e.value)
+        print(f"{case}: {message}")
+        assert path.name in message and all(w in message for w in words), (case, message)
+        assert pipe.loras[0]["file"] == "a.safetensors" and len(pipe.loras) == 1
+    assert np.array_equal(images(pipe, L), before)
+    with pytest.raises(WeightsError, match="pickle"):
+        Pipeline.from_pretrained(str(schnell_dir), loras=[(tmp_path / "pickled.safetensors", 1.0)])
+    with pytest.raises(lora.LoraError, match="no LoRA file"):
+        pipe.set_loras([tmp_path / "nowhere.safetensors"])
+    for bad in ([(files["a"], "strong")], [(files["a"], float("nan"))], [42]):
+        with pytest.raises(ValueError):
+            pipe.set_loras(bad)
+
+
+# --------------------------------------------------------------------------- records and the Hub
+
+
+def test_recorded_loras_are_checked_against_their_files(schnell_dir, files, tmp_path):
+    """pipe.loras records file name, scale, SHA-256 (of the file's bytes) and the reference given;
+    verify() accepts the record while the file is unchanged and refuses it, with one clear error, once
+    the file is changed or gone; from_pretrained takes the record itself."""
+    path = tmp_path / "mine.safetensors"
+    path.write_bytes(files["a"].read_bytes())
+    pipe = fresh(schnell_dir)
+    pipe.set_loras([(str(path), 0.5)])
+    record = pipe.loras
+    assert record == [{"file": "mine.safetensors", "scale": 0.5, "source": str(path),
+                       "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}]
+    assert [(f.path, s) for f, s in lora.verify(record)] == [(path, 0.5)]
+    again = Pipeline.from_pretrained(str(schnell_dir), loras=record)
+    L = latents(n=1)
+    assert again.loras == record and np.array_equal(images(again, L), images(pipe, L))
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(lora.LoraError, match="has changed since it was recorded"):
+        lora.verify(record)
+    path.unlink()
+    with pytest.raises(lora.LoraError, match="no LoRA file"):
+        lora.verify(record)
+
+
+def test_hub_references_resolve_from_the_cache_and_fail_clearly_offline(files, tmp_path, monkeypatch):
+    """`owner/name:file.safetensors` and `owner/name` (diffusers' default file name) are read through
+    huggingface_hub's cache; offline, a file the cache lacks is one error saying so."""
+    import huggingface_hub.constants
+    snapshot = tmp_path / "models--someone--style" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "style.safetensors").write_bytes(files["a"].read_bytes())
+    (snapshot / lora.DEFAULT_HUB_FILE).write_bytes(files["a"].read_bytes())
+    (tmp_path / "models--someone--style" / "refs").mkdir()
+    (tmp_path / "models--someone--style" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    f = lora.read("someone/style:style.safetensors")
+    assert f.path.name == "style.safetensors" and f.source == "someone/style:style.safetensors"
+    assert lora.resolve("someone/style").name == lora.DEFAULT_HUB_FILE
+    with pytest.raises(lora.LoraError, match="not in the Hugging Face cache"):
+        lora.resolve("someone/style:other.safetensors")
