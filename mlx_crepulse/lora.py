@@ -18,6 +18,7 @@ layer's parameter names do not change (saving writes the base), scale 0 leaves t
 into the weights was measured against this (scripts/benchmark_lora.py, docs/lora-performance.md).
 """
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -90,7 +91,18 @@ def _download(repo: str, filename: str) -> Path:
         raise LoraError(f"could not download LoRA {repo}:{filename}: {e}") from e
 
 
+_HASHES = {}  # (path, size, mtime) -> hex: changing a LoRA's scale does not hash the file again
+
+
 def sha256(path: Path) -> str:
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _HASHES:
+        _HASHES[key] = _hash(path)
+    return _HASHES[key]
+
+
+def _hash(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 24), b""):
@@ -252,9 +264,11 @@ def locate(stem: str, layers: dict) -> Target:
             found = {p.replace(".", "_"): p for p in ours}.get(name)
             return Target(component, [found]) if found else None
         if naming == "kohya":
-            name = next((re.sub(f"^{p}$", r, name) for p, r in _KOHYA if re.fullmatch(p, name)), None)
-            if name is None:
-                return None
+            bfl = next((re.sub(f"^{p}$", r, name) for p, r in _KOHYA if re.fullmatch(p, name)), None)
+            if bfl is None:  # some trainers write diffusers' module names the kohya way
+                found = {p.replace(".", "_"): p for p in ours}.get(name)
+                return Target(component, [found]) if found else None
+            name = bfl
         return _from_bfl(name, ours)
     return None
 
@@ -279,15 +293,25 @@ def io_dims(layer) -> tuple:
     return layer.weight.shape[1], layer.weight.shape[0]
 
 
-def _alpha_scale(lora: LoraFile, stem: str, component: str, rank: int) -> float:
+def _network_alphas(lora: LoraFile) -> dict:
+    """component -> the most common alpha key of a diffusers-format file: diffusers' network_alphas give
+    it to a module that has none."""
+    out = {}
+    for component in COMPONENTS:
+        alphas = [p["alpha"] for s, p in lora.pairs.items() if p["alpha"] is not None and s.startswith(component + ".")]
+        if alphas:
+            out[component] = max(set(alphas), key=alphas.count)
+    return out
+
+
+def _alpha_scale(lora: LoraFile, stem: str, component: str, rank: int, network: dict) -> float:
     """alpha / rank as the LoRA was trained with: the file's alpha key (kohya, older diffusers files),
     else PEFT's config in the header (lora_alpha, alpha_pattern, use_rslora), else 1 (alpha = rank)."""
     alpha = lora.pairs[stem]["alpha"]
     config = lora.metadata.get(component, {})
     if alpha is None and not _kohya_like(stem):
-        alphas = [p["alpha"] for s, p in lora.pairs.items() if p["alpha"] is not None and s.startswith(component)]
-        if alphas:  # diffusers' network_alphas: a module without one takes the most common one
-            alpha = max(set(alphas), key=alphas.count)
+        if component in network:
+            alpha = network[component]
         elif config.get("lora_alpha") is not None:
             alpha = config["lora_alpha"]
             module = stem.split(".", 1)[1]
@@ -307,14 +331,14 @@ def _kohya_like(stem: str) -> bool:
 def deltas(lora: LoraFile, layers: dict) -> dict:
     """(component, path) -> [(A, B * alpha/rank)] for every pair of one file, each checked against our
     layers: a pair that matches no layer or does not fit one is an error naming the key and the file."""
-    out, unmatched = {}, []
+    out, unmatched, network = {}, [], _network_alphas(lora)
     for stem, p in lora.pairs.items():
         target = locate(stem, layers)
         if target is None:
             unmatched.append(stem)
             continue
         a, b = p["A"], p["B"]
-        b = b * _alpha_scale(lora, stem, target.component, a.shape[0])
+        b = b * _alpha_scale(lora, stem, target.component, a.shape[0], network)
         parts = [layers[target.component][path] for path in target.paths]
         dims = [io_dims(layer) for layer in parts]
         if any(d[0] != a.shape[1] for d in dims) or sum(d[1] for d in dims) != b.shape[0]:
@@ -447,10 +471,14 @@ def set_loras(pipe, loras) -> None:
     for c, m in models.items():
         if m is not None:
             _restore(state, c, m)
-    state["files"], state["combined"] = files, combined
+    # The files' tensors are not kept (set_loras reads files again); CLIP's pairs are, for low-memory
+    # mode's copies of CLIP read later. The transformer's live only in its wrapped layers.
+    state["files"] = [(dataclasses.replace(f, pairs={}), s) for f, s in files]
+    state["combined"] = combined
     for c, m in models.items():
         if m is not None:
             _apply(state, c, m)
+    state["combined"] = {k: v for k, v in combined.items() if k[0] == "text_encoder"}
     pipe._prompt_cache.clear()  # the text encoder's LoRAs change what a prompt encodes to
 
 

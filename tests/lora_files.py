@@ -139,3 +139,14 @@ def write_kohya(diffusers_file: Path, out: Path, alpha_factor: float = 0.5) -> P
             tensors[f"{stem}.alpha"] = torch.tensor(alpha_factor * v.shape[0])
     save_file(tensors, str(out))
     return out
+
+
+def write_alpha_keys(diffusers_file: Path, out: Path) -> Path:
+    """The same file without PEFT's header, with an `.alpha` tensor per module instead (the older
+    diffusers / TheLastBen layout diffusers reads as network_alphas)."""
+    sd = load_file(str(diffusers_file))
+    alpha = alpha_over_rank(diffusers_file)
+    for k in [k for k in sd if ".lora_A." in k]:
+        sd[k.replace(".lora_A.weight", ".alpha")] = torch.tensor(alpha * sd[k].shape[0])
+    save_file(sd, str(out))
+    return out

@@ -34,6 +34,7 @@ def files(schnell_dir, dev_dir, wide_dir, tmp_path_factory):
            "w": lora_files.make(wide_dir, root / "w.safetensors", seed=6, text_encoder=False, std=0.1)}
     out["a_bfl"] = lora_files.write_bfl(out["a"], root / "a_bfl.safetensors")
     out["c_kohya"] = lora_files.write_kohya(out["c"], root / "c_kohya.safetensors")
+    out["c_alphas"] = lora_files.write_alpha_keys(out["c"], root / "c_alphas.safetensors")
     out["root"] = root
     return out
 
@@ -124,10 +125,10 @@ def test_text_encoder_lora_matches_peft(schnell_dir, files):
 def test_bfl_and_kohya_files_give_the_same_images(schnell_dir, files):
     """a in BFL naming (diffusion_model.double_blocks.0.img_attn.qkv.lora_A, fused qkv and linear1, the
     final modulation's halves swapped) and c in kohya naming (lora_unet_..., lora_te1_..., alpha = rank/2)
-    give the images of their diffusers files within 1e-4."""
+    give the images of their diffusers files within 1e-4; so does c with alpha keys instead of PEFT's header."""
     L = latents()
     pipe = fresh(schnell_dir)
-    for plain, renamed in (("a", "a_bfl"), ("c", "c_kohya")):
+    for plain, renamed in (("a", "a_bfl"), ("c", "c_kohya"), ("c", "c_alphas")):
         pipe.set_loras([(files[plain], 0.8)])
         want = images(pipe, L)
         pipe.set_loras([(files[renamed], 0.8)])
