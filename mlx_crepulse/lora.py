@@ -457,7 +457,8 @@ def verify(records: list) -> list:
 def recorded(pipe) -> list:
     """What a recipe records of the pipeline's LoRAs, in their order."""
     state = getattr(pipe, "_lora_state", None)
-    return [dict(file=f.path.name, scale=s, sha256=f.sha256, source=f.source) for f, s in (state or {}).get("files", [])]
+    files = state["files"] if state else []
+    return [dict(file=f.path.name, scale=s, sha256=f.sha256, source=f.source) for f, s in files]
 
 
 def set_loras(pipe, loras) -> None:

@@ -14,14 +14,14 @@ for full FLUX.1 (from the layer shapes).
 
 import argparse
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_unflatten
 
 from mlx_crepulse import lora, sampling
 from mlx_crepulse.models.flux import FluxTransformer
@@ -79,53 +79,98 @@ def forward_fn(model, batch):
     return lambda: mx.eval(model(img, txt, model.conditioning(t, pooled, g), pe))
 
 
-def fresh(bits=None):
+def fresh():
     mx.random.seed(0)
     model = FluxTransformer(BENCH)
-    if bits:
-        nn.quantize(model, 64, bits, class_predicate=lambda p, m: isinstance(m, nn.Linear) and
-                    m.weight.shape[-1] % 64 == 0)
     mx.eval(model.parameters())
     return model
 
 
-def measure(ranks, runs, bits, batch, folder):
+def lora_ops_time(model, forward, runs) -> float:
+    """The unfused LoRA's own work in one forward, timed alone on inputs of the very shapes the forward
+    gives each wrapped layer: the difference of two noisy forward timings cannot resolve a cost this
+    small on a shared CPU. Includes the add onto the layer's output."""
+    calls, original = [], lora.LoraLinear.__call__
+
+    def recording(self, x):
+        calls.append((x.shape, self.lora.a, self.lora.b))
+        return original(self, x)
+    lora.LoraLinear.__call__ = recording
+    try:
+        forward()
+    finally:
+        lora.LoraLinear.__call__ = original
+    work = [(mx.random.normal(shape), mx.random.normal(shape[:-1] + (b.shape[0],)), a, b) for shape, a, b in calls]
+    mx.eval([w[:2] for w in work])
+    return median_time(lambda: mx.eval([y + (x @ a.T) @ b.T for x, y, a, b in work]), runs + 2)
+
+
+def interleaved(fns: dict, runs: int) -> dict:
+    """Median seconds of each forward, the forwards taken in turn so that the machine's load drifts
+    over all of them alike."""
+    for fn in fns.values():
+        fn()
+    times = {k: [] for k in fns}
+    for _ in range(runs):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def quantized_fusion_loss(rank: int, bits: int, lora_norm: float = 0.05) -> float:
+    """Fusing before quantizing: a LoRA update B A (Frobenius norm `lora_norm` x the weight's) on one
+    3072 x 3072 layer becomes q(W + BA) - q(W) once quantized; returns |q(W + BA) - q(W) - BA| / |BA|, the
+    part of the LoRA's effect that quantization gets wrong. Unfused, the update is exact (0)."""
+    mx.random.seed(1)
+    w = mx.random.normal((3072, 3072)) * 3072 ** -0.5
+    a, b = mx.random.normal((rank, 3072)), mx.random.normal((3072, rank))
+    ba = b @ a
+    ba = ba * (lora_norm * mx.linalg.norm(w) / mx.linalg.norm(ba))
+    fused = w + ba
+    def q(x):
+        return mx.dequantize(*mx.quantize(x, 64, bits), group_size=64, bits=bits)
+    return (mx.linalg.norm(q(fused) - q(w) - ba) / mx.linalg.norm(ba)).item()
+
+
+def measure(ranks, runs, folder):
     rows = {}
-    base = fresh(bits)
-    rows["base"] = median_time(forward_fn(base, batch), runs)
+    base = fresh()
+    fns = {"base": forward_fn(base, BATCH)}
     for rank in ranks:
         path = write_lora(base, rank, folder)
-        model = fresh(bits)
-        seconds = apply(model, path)
-        rows[f"unfused rank {rank}"] = median_time(forward_fn(model, batch), runs)
-        rows[f"apply rank {rank} (read, map, wrap; once)"] = seconds
-        if not bits:
-            model = fresh()
-            rows[f"fuse rank {rank} (once)"] = fuse(model, path)
-            rows[f"fused rank {rank}"] = median_time(forward_fn(model, batch), runs)
-    return rows
+        unfused, fused = fresh(), fresh()
+        rows[f"apply rank {rank} (read, map, wrap; once)"] = apply(unfused, path)
+        rows[f"fuse rank {rank} (once)"] = fuse(fused, path)
+        fns[f"unfused rank {rank}"] = forward_fn(unfused, BATCH)
+        fns[f"fused rank {rank}"] = forward_fn(fused, BATCH)
+        rows[f"LoRA ops alone, rank {rank}"] = lora_ops_time(unfused, fns[f"unfused rank {rank}"], runs)
+    return {**interleaved(fns, runs), **rows}
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ranks", type=int, nargs="+", default=[16, 64])
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--bits", type=int, default=0, help="also time a 4- or 8-bit base (slow on a CPU)")
     ap.add_argument("--json", help="write the numbers here too")
     args = ap.parse_args()
     report = {"device": str(mx.default_device()), "batch": BATCH, "config": BENCH}
     with tempfile.TemporaryDirectory() as tmp:
-        report["float32"] = measure(args.ranks, args.runs, None, BATCH, Path(tmp))
-        if args.bits:
-            report[f"{args.bits}-bit"] = measure(args.ranks, args.runs, args.bits, BATCH, Path(tmp))
+        report["float32"] = measure(args.ranks, args.runs, Path(tmp))
+    report["fuse then quantize: part of the update lost"] = {
+        f"rank {r}, {bits}-bit": quantized_fusion_loss(r, bits) for r in args.ranks for bits in (4, 8)}
     report["full FLUX.1 bytes"] = {"transformer linear weights bf16": weight_bytes(FULL, 2), **{
         f"LoRA rank {r} bf16": lora_bytes(FULL, r, 2) for r in args.ranks}}
     for name, rows in report.items():
         if isinstance(rows, dict) and "base" in rows:
             print(f"{name} (batch {BATCH}, seconds per forward = per step):")
             for k, v in rows.items():
-                extra = f"  {100 * (v / rows['base'] - 1):+.1f}% per step" if k.startswith(("unfused", "fused")) else ""
+                extra = (f"  {100 * (v / rows['base'] - 1):+.1f}% per step" if k.startswith(("unfused", "fused"))
+                         else f"  {100 * v / rows['base']:.1f}% of a step" if k.startswith("LoRA ops") else "")
                 print(f"  {k:40s} {v:8.3f}{extra}")
+    for k, v in report["fuse then quantize: part of the update lost"].items():
+        print(f"  fused then quantized, {k}: the LoRA's effect off by {100 * v:.0f}% of its norm")
     for k, v in report["full FLUX.1 bytes"].items():
         print(f"  {k:40s} {v / 2**30:8.2f} GiB")
     if args.json:

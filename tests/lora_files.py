@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel
-from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+from peft import LoraConfig, inject_adapter_in_model
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextModel
 

@@ -11,7 +11,6 @@ peft than this environment's). kohya and BFL files are the same LoRA renamed by 
 import functools
 import hashlib
 
-import mlx.core as mx
 import numpy as np
 import pytest
 import torch
