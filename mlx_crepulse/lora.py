@@ -413,6 +413,20 @@ def combine(per_file: list) -> dict:
             for key, pairs in merged.items()}
 
 
+def parse_arg(text: str) -> tuple:
+    """`--lora PATH[:SCALE]` -> (reference, scale): the last `:NUMBER` is the scale (default 1), so a Hub
+    reference keeps its own colon: `owner/name:file.safetensors:0.8`."""
+    ref, sep, tail = str(text).rpartition(":")
+    if sep:
+        try:
+            return ref, float(tail)
+        except ValueError:
+            pass
+    if not text:
+        raise ValueError("--lora needs a file or Hub reference, optionally with :SCALE")
+    return str(text), 1.0
+
+
 # --- on a pipeline --------------------------------------------------------------------------------------
 
 def read_all(loras) -> list:

@@ -331,3 +331,12 @@ def test_hub_references_resolve_from_the_cache_and_fail_clearly_offline(files, t
     assert lora.resolve("someone/style").name == lora.DEFAULT_HUB_FILE
     with pytest.raises(lora.LoraError, match="not in the Hugging Face cache"):
         lora.resolve("someone/style:other.safetensors")
+
+
+@pytest.mark.parametrize("text, want", [("style.safetensors", ("style.safetensors", 1.0)),
+                                        ("~/l/style.safetensors:0.75", ("~/l/style.safetensors", 0.75)),
+                                        ("owner/name:file.safetensors", ("owner/name:file.safetensors", 1.0)),
+                                        ("owner/name:file.safetensors:-1.5", ("owner/name:file.safetensors", -1.5))])
+def test_cli_argument(text, want):
+    """`--lora PATH[:SCALE]`: the last :NUMBER is the scale, a Hub reference keeps its own colon."""
+    assert lora.parse_arg(text) == want
