@@ -172,7 +172,7 @@ def rerun(history, batch, low_memory=False) -> Job:
     labels = [im.label for im in batch.images] if any(im.label for im in batch.images) else None
     # a blend's or a variation's favourites, recorded again from their own batches
     sources = blend_sources(history, batch.note["a"], batch.note["b"]) if r.get("blend") else None
-    return from_recipe(r, kind="rerun", low_memory=low_memory, repulsion=r.get("repulsion"),
+    return from_recipe(r, kind="rerun", low_memory=low_memory, method=r.get("repulsion"),
                        reference=inputs.get("reference"), blend=r.get("blend"), sources=sources,
                        noise=list(latents) if latents is not None else None, image=inputs.get("image"),
                        strength=r.get("strength") or 0.6, parent_image=r.get("app", {}).get("parent_image"),

@@ -194,7 +194,7 @@ class _Runner(QObject):
             latents = np.stack([self._noise(pipe, spec, width, height) for spec in job.noise]).astype(np.float32)
         image = None if job.image is None else np.asarray(job.image, np.float32) / 255.0
         return dict(n=job.n, seed=job.seed, steps=job.steps, guidance=job.guidance, width=width, height=height,
-                    max_sequence_length=job.max_sequence_length, repulsion=repulsion, latents=latents,
+                    max_sequence_length=job.max_sequence_length, method=repulsion, latents=latents,
                     negative_prompt=job.negative_prompt, true_cfg=job.true_cfg, image=image, strength=job.strength)
 
     def _blend(self, pipe, job: Job) -> Blend:

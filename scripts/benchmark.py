@@ -69,7 +69,7 @@ def ours(runs):
         mx.eval(model(img, txt, vec, pe, hook))
 
     plain = median_time(forward, runs)
-    rep = Repulsion(scale=1e8, iterations=50, steps=1, blocks="all")
+    rep = Repulsion(scale=1e8, iterations=50, repelled_steps=1, blocks="all")
     rep.validate(BATCH, model)
     repelled = median_time(lambda: forward(rep.hook(0, 1)), runs)
     # the update alone, on activations of the same shapes (1 double block's text, 2 single blocks' joint

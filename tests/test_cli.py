@@ -414,7 +414,7 @@ def test_png_metadata_round_trip_in_process(tmp_path):
     recipe = dict(prompt="狐狸, in the snow: ünïcödé", n=2, seed=7, steps=4, guidance=3.5, width=16, height=16,
                   max_sequence_length=16, true_cfg=2.0, negative_prompt="blurry, dark", model="/x/y, z",
                   quantize=4, version="0.1.0", index=1, image_seed=8, blend=None, strength=None,
-                  repulsion=Repulsion(scale=2.5e8, blocks=[0, 3, 4]).to_dict())
+                  method=Repulsion(scale=2.5e8, blocks=[0, 3, 4]).to_dict())
     p1 = metadata.write_png(tmp_path / "a.png", image, recipe, overwrite=False)
     p2 = metadata.write_png(tmp_path / "a.png", image, recipe, overwrite=False)
     p3 = metadata.write_png(tmp_path / "a.png", image, recipe, overwrite=False)
@@ -433,7 +433,7 @@ def test_png_metadata_round_trip_in_process(tmp_path):
 def test_methods_rebuild_from_their_dicts():
     """method_from_dict inverts to_dict for every method (also through JSON); a batch repelled from
     reference images cannot be rebuilt from the file, and says so."""
-    for m in (Repulsion(scale=3e8, iterations=20, steps=2, blocks=[1, 2]), ParticleGuidance(scale=64.0, until=0.4),
+    for m in (Repulsion(scale=3e8, iterations=20, repelled_steps=2, blocks=[1, 2]), ParticleGuidance(scale=64.0, until=0.4),
               CADS(noise_scale=0.1, seed=9), None):
         d = json.loads(json.dumps(m.to_dict() if m else None))
         assert metadata.method_from_dict(d) == m
@@ -456,11 +456,11 @@ def test_diversity_knob_and_batches():
         args = cli.generation_parser().parse_args(["p", *argv])
         return cli._build_method(cli._method_spec(args, n, None), d, opts, seed=5)
 
-    assert build() == Repulsion(scale=1e9, iterations=7, steps=2, blocks="all")
-    assert build("--diversity", "1") == Repulsion(scale=1e10, iterations=7, steps=2)
+    assert build() == Repulsion(scale=1e9, iterations=7, repelled_steps=2, blocks="all")
+    assert build("--diversity", "1") == Repulsion(scale=1e10, iterations=7, repelled_steps=2)
     assert build("--diversity", "0") is None and build("--method", "none") is None
     assert build("--repulsion-scale", "5", "--repulsion-blocks", "0,3-5") == Repulsion(
-        scale=5.0, iterations=7, steps=2, blocks=[0, 3, 4, 5])
+        scale=5.0, iterations=7, repelled_steps=2, blocks=[0, 3, 4, 5])
     assert build("--method", "particle", "--diversity", "0.5") == ParticleGuidance(scale=0.5)
     assert build("--method", "cads", "--diversity", "0.5") == CADS(noise_scale=0.25, seed=5)
     assert build(n=1) is None  # one image: nothing to push apart, plain seeds

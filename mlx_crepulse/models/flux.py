@@ -264,7 +264,7 @@ class FluxTransformer(nn.Module):
         super().__init__()
         self.config = dict(config)
         heads, head_dim = config["num_attention_heads"], config["attention_head_dim"]
-        dim = heads * head_dim
+        dim = self.inner_dim = heads * head_dim
         self.axes_dim = list(config.get("axes_dims_rope", (16, 56, 56)))
         self.guidance_embeds = bool(config.get("guidance_embeds", False))
         in_ch = config.get("in_channels", 64)
