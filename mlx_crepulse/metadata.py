@@ -13,11 +13,22 @@ Repulsion couples the images of a batch, so one image is reproduced by re-runnin
 
 import json
 import os
+import re
+import unicodedata
 from pathlib import Path
 from typing import Optional
 
 CHUNK = "crepulse"
 PARAMETERS = "parameters"
+
+
+def slug(text: str, limit: int = 48) -> str:
+    """A file-name stem from a prompt: lowercase ASCII words joined by '-', cut at a word boundary."""
+    text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode().lower()
+    s = re.sub(r"[^a-z0-9]+", "-", text).strip("-")
+    if len(s) > limit:
+        s = s[:limit].rsplit("-", 1)[0] or s[:limit]
+    return s or "image"
 
 
 def describe_method(d: Optional[dict]) -> str:

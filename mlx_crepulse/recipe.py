@@ -91,7 +91,7 @@ class Recipe:
             if not knob or self.n < 2:
                 return None
             m = "contextual"
-        if m == "none":
+        if m == "none" or (isinstance(m, str) and level == 0):  # diversity 0: plain seeds, whatever the method
             return None
         if m == "contextual":
             m = Repulsion()
@@ -103,7 +103,7 @@ class Recipe:
             m = replace(m, scale=d.repulsion_scale(level) if m.scale is None else m.scale,
                         iterations=d.repulsion_iterations if m.iterations is None else m.iterations,
                         repelled_steps=d.repulsion_steps if m.repelled_steps is None else m.repelled_steps)
-        m.check(self.n)
+        _check_method(m, self.n)
         return m
 
     @property
