@@ -10,7 +10,7 @@ from PySide6.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, Q
                                QPlainTextEdit, QPushButton, QSizePolicy, QSlider, QSpinBox, QToolButton,
                                QVBoxLayout, QWidget)
 
-from mlx_crepulse.pipeline import DEFAULT_DIVERSITY
+from mlx_crepulse import DEFAULT_DIVERSITY, Recipe, Repulsion, random_seed
 
 from . import models
 
@@ -210,13 +210,19 @@ class Form(QWidget):
             self.model.setItemData(i, source, Qt.ItemDataRole.ToolTipRole)
         self.model.setCurrentIndex(i)
 
-    def job_fields(self) -> dict:
-        """The form's values as Job fields (None: the model's default)."""
-        return dict(source=self.source(), quantize=self.quantize(), prompt=self.prompt.toPlainText().strip(),
-                    n=self.n.value(), steps=self.steps.value() or None, width=self.width_.value() or None,
-                    height=self.height_.value() or None, diversity=self.diversity_value(),
-                    seed=self.seed.value() if self.seed.value() >= 0 else None,
-                    low_memory=self.low_memory.isChecked())
+    def prompt_text(self) -> str:
+        return self.prompt.toPlainText().strip()
+
+    def recipe(self) -> Recipe:
+        """The form's values as a Recipe (None: the model's default; no seed: a new one each time). The
+        slider's lowest "on" position is the low end of the model's range, not plain seeds; one image has
+        nothing to push apart, so it is left plain."""
+        diversity = self.diversity_value() if self.n.value() >= 2 else None
+        return Recipe(self.prompt_text(), n=self.n.value(), model=self.source(), quantize=self.quantize(),
+                      steps=self.steps.value() or None, width=self.width_.value() or None,
+                      height=self.height_.value() or None, diversity=diversity,
+                      method=Repulsion() if diversity is not None else None,
+                      seed=self.seed.value() if self.seed.value() >= 0 else random_seed(self.n.value()))
 
     def load_recipe(self, recipe: dict):
         """Put a stored batch's settings into the form (prompt, model, size, steps, seed, diversity)."""
@@ -234,7 +240,7 @@ class Form(QWidget):
         app = recipe.get("app", {})
         if "diversity" in app:
             self.diversity.setValue(tick_of(app["diversity"]))
-        elif recipe.get("repulsion") is None:
+        elif recipe.get("method") is None:
             self.diversity.setValue(0)
 
     def set_busy(self, busy: bool):

@@ -13,6 +13,8 @@ from PySide6.QtGui import QAction, QColor, QKeySequence, QPalette, QShortcut
 from PySide6.QtWidgets import (QFrame, QHBoxLayout, QLabel, QMainWindow, QMessageBox, QProgressBar,
                                QPushButton, QSplitter, QTabWidget, QToolBar, QVBoxLayout, QWidget)
 
+from mlx_crepulse import RecipeError
+
 from . import models, refine, worker
 from .blend import BlendDialog
 from .controls import Form
@@ -278,17 +280,17 @@ class MainWindow(QMainWindow):
     # --- generating --------------------------------------------------------------------------------
 
     def generate(self):
-        f = self.form.job_fields()
-        if not f["prompt"]:
+        if not self.form.prompt_text():
             self.banner.show_message("Write a prompt first: describe the image you want.", "warn")
             self.form.prompt.setFocus()
             return False
-        if f["diversity"] is not None and f["n"] < 2:
-            f["diversity"] = None  # one image has nothing to be pushed away from
-        if f["seed"] is None:
-            f["seed"] = refine.new_seed(f["n"])
+        try:
+            recipe = self.form.recipe()
+        except RecipeError as e:
+            self.banner.show_message(str(e), "warn")
+            return False
         self.form.save()
-        return self.start(Job(**f))
+        return self.start(Job(recipe, low_memory=self.form.low_memory.isChecked()))
 
     def start(self, job: Job) -> bool:
         """Check the model (on disk? enough memory?) and hand the job to the engine thread."""

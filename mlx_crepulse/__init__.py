@@ -3,6 +3,7 @@
 from .defaults import Defaults, DefaultsError
 from .pipeline import Cancelled, Pipeline, Progress, Result
 from .recipe import DEFAULT_DIVERSITY, RANDOM_SEED, Recipe, RecipeError, random_seed
+from .recipe import migrate as migrate_recipe
 from .repulsion import CADS, Blend, ParticleGuidance, Recording, Repulsion, signature, vendi_score
 from .sampling import mix_noise
 from .version import __version__
@@ -10,4 +11,4 @@ from .weights import WeightsError
 
 __all__ = ["Pipeline", "Recipe", "Repulsion", "ParticleGuidance", "CADS", "Blend", "Recording", "Result",
            "Progress", "Defaults", "Cancelled", "RecipeError", "DefaultsError", "WeightsError", "vendi_score",
-           "signature", "mix_noise", "random_seed", "DEFAULT_DIVERSITY", "RANDOM_SEED", "__version__"]
+           "signature", "mix_noise", "random_seed", "migrate_recipe", "DEFAULT_DIVERSITY", "RANDOM_SEED", "__version__"]

@@ -198,14 +198,15 @@ def migrate(d: dict) -> dict:
     if schema != 1:
         raise RecipeError(f"recipe schema {schema!r} is newer than this mlx-crepulse reads ({SCHEMA}): upgrade it")
     d = dict(d)
-    method = d.pop("repulsion", None)
-    if isinstance(method, dict):
-        method = dict(method)
-        names = {"Repulsion": "contextual", "ParticleGuidance": "particle", "CADS": "cads"}
-        method["name"] = names.get(method.pop("method", None), method.get("name"))
-        if method["name"] == "contextual" and "steps" in method:
-            method["repelled_steps"] = method.pop("steps")
-    d["method"] = method
+    if "repulsion" in d:
+        method = d.pop("repulsion")
+        if isinstance(method, dict):
+            method = dict(method)
+            names = {"Repulsion": "contextual", "ParticleGuidance": "particle", "CADS": "cads"}
+            method["name"] = names.get(method.pop("method", None), method.get("name"))
+            if method["name"] == "contextual" and "steps" in method:
+                method["repelled_steps"] = method.pop("steps")
+        d["method"] = method
     if isinstance(d.get("blend"), dict):
         blend = dict(d["blend"])
         if "steps" in blend:
@@ -255,7 +256,10 @@ def _checked(r: Recipe) -> dict:
     if r.blend is not None:
         if not isinstance(r.blend, Blend):
             raise RecipeError(f"blend must be a Blend, not {type(r.blend).__name__}")
-        r.blend.check(out["n"])
+        try:
+            r.blend.check(out["n"])
+        except ValueError as e:
+            raise RecipeError(str(e)) from None
     return out
 
 
@@ -263,6 +267,8 @@ def _check_method(m, n):
     if m is None or isinstance(m, str):
         if m is not None and m != "none" and m not in METHODS:
             raise RecipeError(f"method must be one of none, {', '.join(METHODS)}, or a method object, not {m!r}")
+        if m in METHODS and n < 2:
+            raise RecipeError(f"{m} diversity needs a batch of at least 2 images to push apart, not n={n}")
         return
     if not isinstance(m, Method):
         raise RecipeError(f"method must be Repulsion, ParticleGuidance, CADS, a method name or None, "
