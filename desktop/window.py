@@ -112,6 +112,12 @@ class MainWindow(QMainWindow):
         self.defaults = {}  # source -> the model's defaults, once loaded
         self.ask = lambda title, text: QMessageBox.question(self, title, text) == QMessageBox.StandardButton.Yes
 
+        self._lay_out()
+        self._wire()
+        self._restore()
+
+    def _lay_out(self):
+        """The form at the left; the Batch and History tabs, the banner and the progress row at the right."""
         self.form = Form(self.settings)
         self.form.setMinimumWidth(300)
         self.form.setMaximumWidth(380)
@@ -170,7 +176,7 @@ class MainWindow(QMainWindow):
         self.setCentralWidget(split)
         self._make_actions()
 
-        # wiring
+    def _wire(self):
         self.form.generate_requested.connect(self.generate)
         self.form.model_changed.connect(self.update_model_state)
         self.form.download_requested.connect(self.download)
@@ -197,6 +203,8 @@ class MainWindow(QMainWindow):
         for signal, slot in self._connections:
             signal.connect(slot)
 
+    def _restore(self):
+        """Preferences, geometry, and the latest batch of the history on screen."""
         self.form.restore()
         geometry = self.settings.value("window/geometry")
         if isinstance(geometry, QByteArray) and not geometry.isEmpty():

@@ -24,7 +24,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mlx_crepulse import Blend, Pipeline, Repulsion, mix_noise, weights  # noqa: E402
-from mlx_crepulse.pipeline import Defaults  # noqa: E402
+from mlx_crepulse import Defaults  # noqa: E402
+from mlx_crepulse.model_folder import ModelFolder  # noqa: E402
 from mlx_crepulse.repulsion import ascend  # noqa: E402
 from scripts import evaluate, shapes  # noqa: E402
 
@@ -108,7 +109,7 @@ class BranchesAsOne(Repulsion):
 
 def bundled_defaults() -> Defaults:
     """The bundled demo's defaults (its repulsion settings), to run on any model so that models compare alike."""
-    return Defaults.for_model(weights.DEMO_DIR, weights.read_json(weights.DEMO_DIR / "transformer" / "config.json"))
+    return ModelFolder.open("demo").defaults
 
 
 def variants(pipe):
