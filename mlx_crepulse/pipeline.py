@@ -6,6 +6,7 @@ acts through three narrow points of the sampler: the text condition (CADS), a ho
 transformer's blocks (repulsion, blending), and the velocity (particle guidance).
 """
 
+import functools
 import time
 import warnings
 from dataclasses import dataclass, field, replace
@@ -15,7 +16,7 @@ from typing import Callable, Optional
 import mlx.core as mx
 import numpy as np
 
-from . import sampling, weights
+from . import cpu, sampling, weights
 from .models import autoencoder, clip, t5
 from .models.flux import FluxTransformer
 from .model_folder import ModelFolder
@@ -91,6 +92,10 @@ class Pipeline:
         self._reload_encoders = reload_encoders  # set in low-memory mode: encoders are freed after use
         self.low_memory = reload_encoders is not None
         self._prompt_cache = {}
+        self._forward = transformer
+        if mx.default_device() == mx.cpu:  # the CPU's own kernels and two streams (cpu.py)
+            cpu.install()
+            self._forward = functools.partial(cpu.forward, transformer)
 
     # --- loading ---------------------------------------------------------------------------------------
 
@@ -340,7 +345,7 @@ class Pipeline:
             hooks = [edit] if edit is not None else []
             if i == 0:  # record each image's contextual signature once, after any update at that block
                 hooks.append(_capture(sig_block, n, signatures))
-            v = tf(x_in, c_txt, vec, pe, _chain(hooks)).astype(mx.float32)
+            v = self._forward(x_in, c_txt, vec, pe, _chain(hooks)).astype(mx.float32)
             if neg is not None:
                 v = v[n:] + r.true_cfg * (v[:n] - v[n:])
             if method is not None:

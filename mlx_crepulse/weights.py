@@ -87,6 +87,16 @@ def download(repo: str, progress: bool = True) -> str:
         raise WeightsError(f"could not download {repo}: {e}") from e
 
 
+def cached_snapshot(repo: str) -> Path:
+    """The folder of `repo` in the Hugging Face cache, without the network (WeightsError if absent)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+    try:
+        return Path(snapshot_download(repo, allow_patterns=HUB_PATTERNS, local_files_only=True))
+    except (LocalEntryNotFoundError, OSError, ValueError) as e:
+        raise WeightsError(f"{repo} is not in the Hugging Face cache") from e
+
+
 def read_json(path: Path) -> dict:
     if not path.exists():
         raise WeightsError(f"missing file {path}: the model folder is incomplete; download or convert it again")
