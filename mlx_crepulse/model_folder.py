@@ -12,6 +12,9 @@ from typing import Optional
 
 from . import weights
 from .defaults import Defaults
+from .models.autoencoder import VAEParams
+from .models.config import ConfigError
+from .models.flux import FluxParams
 from .recipe import Recipe, RecipeError
 from .tokenizer import Tokenizer
 
@@ -36,6 +39,12 @@ class ModelFolder:
         if missing:
             raise weights.WeightsError(f"{folder} is not a complete FLUX pipeline: missing {', '.join(missing)}")
         configs = {name: weights.read_json(folder / name / "config.json") for name in MODELS}
+        for name, params in (("transformer", FluxParams), ("vae", VAEParams)):
+            try:
+                params.from_config(configs[name])
+            except ConfigError as e:
+                raise weights.WeightsError(f"{folder / name / 'config.json'}: {e}; the folder is not a FLUX.1 "
+                                           "pipeline, or its config is damaged") from None
         for name in configs:
             weights.weight_files(folder / name)
         tokenizer, tokenizer_2 = (_tokenizer(folder / name) for name in ("tokenizer", "tokenizer_2"))
@@ -51,7 +60,7 @@ class ModelFolder:
     @property
     def size_multiple(self) -> int:
         """Image sizes must be multiples of this: 2x2 patches of the VAE's latent pixels (16 for FLUX)."""
-        return max(16, 2 * 2 ** (len(self.configs["vae"].get("block_out_channels", [0] * 4)) - 1))
+        return max(16, 2 * 2 ** (len(self.configs["vae"]["block_out_channels"]) - 1))
 
     def resolve(self, recipe: Recipe, quantize: Optional[int] = None) -> Recipe:
         """The recipe with this model's defaults, checked against it."""
@@ -66,11 +75,10 @@ class ModelFolder:
             v = getattr(recipe, name)
             if v % m:
                 raise RecipeError(f"{name} {v} must be a multiple of {m} (try {max(m, round(v / m) * m)})")
-        config = self.configs["transformer"]
+        p = FluxParams.from_config(self.configs["transformer"])
         try:
             if recipe.method is not None:
-                recipe.method.check_model(config.get("num_layers", 19), config["num_attention_heads"] *
-                                          config["attention_head_dim"])
+                recipe.method.check_model(p.num_layers, p.num_attention_heads * p.attention_head_dim)
         except ValueError as e:
             raise RecipeError(str(e)) from None
 

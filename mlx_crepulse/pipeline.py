@@ -162,7 +162,7 @@ class Pipeline:
 
     @property
     def latent_channels(self) -> int:
-        return self.transformer.config.get("in_channels", 64)
+        return self.transformer.params.in_channels
 
     def size_multiple(self) -> int:
         return self.files.size_multiple

@@ -10,10 +10,13 @@ and after single-stream block `index` (kind "single", with the joint sequence sp
 """
 
 import math
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
+
+from .config import from_config
 
 Hook = Callable[[str, int, mx.array, mx.array], tuple]
 
@@ -215,26 +218,42 @@ class SingleStreamBlock(nn.Module):
         return gated(x, gate, self.proj_out(mx.concatenate([self.attn(h, pe), mlp], axis=-1)))
 
 
+@dataclass(frozen=True)
+class FluxParams:
+    """diffusers' FluxTransformer2DModel config (FLUX.1: 19 + 38 blocks, 24 heads of 128)."""
+    num_attention_heads: int
+    attention_head_dim: int
+    num_layers: int
+    num_single_layers: int
+    in_channels: int
+    joint_attention_dim: int
+    pooled_projection_dim: int
+    guidance_embeds: bool = False
+    axes_dims_rope: tuple = (16, 56, 56)
+    out_channels: Optional[int] = None
+    patch_size: int = 1
+
+    @classmethod
+    def from_config(cls, config: dict) -> "FluxParams":
+        return from_config(cls, config)
+
+
 class FluxTransformer(nn.Module):
     def __init__(self, config: dict):
         super().__init__()
         self.config = dict(config)
-        heads, head_dim = config["num_attention_heads"], config["attention_head_dim"]
+        p = self.params = FluxParams.from_config(config)
+        heads, head_dim = p.num_attention_heads, p.attention_head_dim
         dim = self.inner_dim = heads * head_dim
-        self.axes_dim = list(config.get("axes_dims_rope", (16, 56, 56)))
-        self.guidance_embeds = bool(config.get("guidance_embeds", False))
-        in_ch = config.get("in_channels", 64)
-        out_ch = config.get("out_channels") or in_ch
-        patch = config.get("patch_size", 1)
-        self.x_embedder = nn.Linear(in_ch, dim)
-        self.context_embedder = nn.Linear(config.get("joint_attention_dim", 4096), dim)
-        self.time_text_embed = TimeTextEmbed(dim, config.get("pooled_projection_dim", 768), self.guidance_embeds)
-        self.transformer_blocks = [DoubleStreamBlock(dim, heads, head_dim) for _ in range(config.get("num_layers", 19))]
-        self.single_transformer_blocks = [
-            SingleStreamBlock(dim, heads, head_dim) for _ in range(config.get("num_single_layers", 38))
-        ]
+        self.axes_dim = list(p.axes_dims_rope)
+        self.guidance_embeds = bool(p.guidance_embeds)
+        self.x_embedder = nn.Linear(p.in_channels, dim)
+        self.context_embedder = nn.Linear(p.joint_attention_dim, dim)
+        self.time_text_embed = TimeTextEmbed(dim, p.pooled_projection_dim, self.guidance_embeds)
+        self.transformer_blocks = [DoubleStreamBlock(dim, heads, head_dim) for _ in range(p.num_layers)]
+        self.single_transformer_blocks = [SingleStreamBlock(dim, heads, head_dim) for _ in range(p.num_single_layers)]
         self.norm_out = AdaNorm(dim, 2)
-        self.proj_out = nn.Linear(dim, patch * patch * out_ch)
+        self.proj_out = nn.Linear(dim, p.patch_size * p.patch_size * (p.out_channels or p.in_channels))
 
     def pos_embed(self, txt_ids: mx.array, img_ids: mx.array) -> tuple:
         """RoPE for the joint sequence; computed once per generation and passed to every call."""
