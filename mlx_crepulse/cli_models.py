@@ -7,7 +7,9 @@ import tempfile
 from pathlib import Path
 
 from . import metadata, weights
-from .cli import UsageError, _Parser, check_writable, err, model_source
+from .cli import check_writable
+from .cli_args import UsageError, _Parser, model_source
+from .cli_output import err
 from .recipe import migrate
 
 

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import mlx_crepulse
 from mlx_crepulse import CADS, Defaults, ParticleGuidance, Recipe, Repulsion, cli, metadata
 from mlx_crepulse.recipe import method_from_dict, method_to_dict
 from mlx_crepulse.weights import DEMO_DIR
@@ -226,7 +227,7 @@ def test_recipe_round_trips(batch, second_wave, model_arg):
         r = metadata.read_png(cwd / p)
         assert (r["prompt"], r["n"], r["seed"], r["index"], r["image_seed"]) == (PROMPT, 3, 11, i, 11 + i)
         assert r["model"] == (model_arg if model_arg == "demo" else str(Path(model_arg).resolve()))
-        assert r["quantize"] is None and r["version"] == cli.__version__
+        assert r["quantize"] is None and r["version"] == mlx_crepulse.__version__
         rep = r["method"]
         assert r["schema"] == 2 and r["diversity"] == 0.5
         assert rep["name"] == "contextual" and rep["blocks"] == "all" and rep["iterations"] >= 1
