@@ -16,7 +16,8 @@ import pytest
 import torch
 from mlx.utils import tree_flatten
 
-from mlx_crepulse import Pipeline, WeightsError, lora
+from mlx_crepulse import Pipeline, Recipe, WeightsError, lora
+from mlx_crepulse.recipe import RecipeError
 from tests import lora_files, tiny
 from tests.test_pipeline import PROMPT, latents, loaded
 
@@ -110,7 +111,7 @@ def test_text_encoder_lora_matches_peft(schnell_dir, files):
     clip = inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, target_modules=lora_files.CLIP_TARGETS),
                                    CLIPTextModel.from_pretrained(schnell_dir / "text_encoder"))
     set_peft_model_state_dict(clip, sd)
-    ids = torch.tensor([pipe.tokenizer.ids(PROMPT, pipe.tokenizer.model_max_length)[0]])
+    ids = torch.from_numpy(np.array(pipe.tokenizer.ids(PROMPT, pipe.tokenizer.model_max_length)))
     with torch.no_grad():
         want = clip(ids).pooler_output.numpy()
     err = np.abs(ours - want).max()
@@ -340,3 +341,18 @@ def test_hub_references_resolve_from_the_cache_and_fail_clearly_offline(files, t
 def test_cli_argument(text, want):
     """`--lora PATH[:SCALE]`: the last :NUMBER is the scale, a Hub reference keeps its own colon."""
     assert lora.parse_arg(text) == want
+
+
+def test_recipe_records_the_loras_applied(schnell_dir, files):
+    """A result's recipe carries the pipeline's LoRAs (file, scale, SHA-256, source), whatever the recipe
+    asked; to_dict / from_dict keep them; a malformed entry is a RecipeError naming the field."""
+    pipe = fresh(schnell_dir)
+    pipe.set_loras([(files["a"], 0.5)])
+    result = pipe.generate(Recipe(PROMPT, n=1, steps=1, seed=3), output_type="np")
+    assert list(result.recipe.loras) == pipe.loras and result.recipe.loras[0]["scale"] == 0.5
+    again = Recipe.from_dict(result.recipe.to_dict())
+    assert again.loras == result.recipe.loras and again == result.recipe
+    assert [(f.path, s) for f, s in lora.verify(list(again.loras))] == [(files["a"], 0.5)]
+    for bad in ([{"file": "x"}], [{**pipe.loras[0], "sha256": "abc"}], [{**pipe.loras[0], "scale": "1"}], "x"):
+        with pytest.raises(RecipeError, match="(?i)lora"):
+            Recipe(PROMPT, loras=bad)
