@@ -23,7 +23,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_unflatten
 
-from mlx_crepulse import lora, sampling
+from mlx_crepulse import cpu, lora, sampling
 from mlx_crepulse.models.flux import FluxTransformer
 from scripts.benchmark import BATCH, BENCH, FULL, IMG_TOKENS, TXT_TOKENS, inputs, median_time
 
@@ -76,6 +76,9 @@ def forward_fn(model, batch):
     side = int(IMG_TOKENS ** 0.5)
     pe = model.pos_embed(mx.zeros((TXT_TOKENS, 3)), sampling.image_ids(side, side))
     t, g = mx.array([0.8]), mx.array([3.5])
+    if mx.default_device() == mx.cpu:  # as the pipeline runs it there (cpu.py)
+        cpu.install()
+        return lambda: mx.eval(cpu.forward(model, img, txt, model.conditioning(t, pooled, g), pe))
     return lambda: mx.eval(model(img, txt, model.conditioning(t, pooled, g), pe))
 
 
