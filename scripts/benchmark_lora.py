@@ -40,13 +40,16 @@ def write_lora(model, rank: int, folder: Path) -> Path:
     return out
 
 
-def apply(model, path: Path, scale: float = 1.0) -> float:
-    """Read, map and wrap as set_loras does; returns the seconds it took."""
+def apply(model, path: Path, scale: float = 1.0) -> tuple:
+    """Read, map and wrap as set_loras does. Returns (seconds, the original layers, their wrapped
+    versions): the wrapped ones share the originals' weights, so the base and the LoRA can be swapped
+    in and out of one model without a second copy of it."""
     start = time.perf_counter()
     layers = lora.linear_layers(model)
     combined = lora.combine([(scale, lora.deltas(lora.read(path), {"transformer": layers}))])
-    model.update_modules(tree_unflatten([(p, lora.wrap(layers[p], a, b)) for (_, p), (a, b) in combined.items()]))
-    return time.perf_counter() - start
+    wrapped = [(p, lora.wrap(layers[p], a, b)) for (_, p), (a, b) in combined.items()]
+    model.update_modules(tree_unflatten(wrapped))
+    return time.perf_counter() - start, [(p, layers[p]) for p, _ in wrapped], wrapped
 
 
 def fuse(model, path: Path, scale: float = 1.0) -> float:
@@ -138,18 +141,25 @@ def quantized_fusion_loss(rank: int, bits: int, lora_norm: float = 0.05) -> floa
 
 
 def measure(ranks, runs, folder):
+    """At most two models in memory at once (the unfused LoRA lives beside the base's own weights)."""
     rows = {}
     base = fresh()
-    fns = {"base": forward_fn(base, BATCH)}
+    forward = forward_fn(base, BATCH)
     for rank in ranks:
         path = write_lora(base, rank, folder)
-        unfused, fused = fresh(), fresh()
-        rows[f"apply rank {rank} (read, map, wrap; once)"] = apply(unfused, path)
+        rows[f"apply rank {rank} (read, map, wrap; once)"], originals, wrapped = apply(base, path)
+        rows[f"LoRA ops alone, rank {rank}"] = lora_ops_time(base, forward, runs)
+        fused = fresh()
         rows[f"fuse rank {rank} (once)"] = fuse(fused, path)
-        fns[f"unfused rank {rank}"] = forward_fn(unfused, BATCH)
-        fns[f"fused rank {rank}"] = forward_fn(fused, BATCH)
-        rows[f"LoRA ops alone, rank {rank}"] = lora_ops_time(unfused, fns[f"unfused rank {rank}"], runs)
-    return {**interleaved(fns, runs), **rows}
+        times = interleaved({"base": lambda: (base.update_modules(tree_unflatten(originals)), forward()),
+                             f"unfused rank {rank}": lambda: (base.update_modules(tree_unflatten(wrapped)), forward()),
+                             f"fused rank {rank}": forward_fn(fused, BATCH)}, runs)
+        base.update_modules(tree_unflatten(originals))
+        del fused
+        rows.update({k: v for k, v in times.items() if k != "base"})
+        rows[f"base (beside rank {rank})"] = times["base"]
+        rows.setdefault("base", times["base"])
+    return rows
 
 
 def main():
@@ -165,19 +175,21 @@ def main():
         f"rank {r}, {bits}-bit": quantized_fusion_loss(r, bits) for r in args.ranks for bits in (4, 8)}
     report["full FLUX.1 bytes"] = {"transformer linear weights bf16": weight_bytes(FULL, 2), **{
         f"LoRA rank {r} bf16": lora_bytes(FULL, r, 2) for r in args.ranks}}
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
     for name, rows in report.items():
         if isinstance(rows, dict) and "base" in rows:
             print(f"{name} (batch {BATCH}, seconds per forward = per step):")
             for k, v in rows.items():
-                extra = (f"  {100 * (v / rows['base'] - 1):+.1f}% per step" if k.startswith(("unfused", "fused"))
-                         else f"  {100 * v / rows['base']:.1f}% of a step" if k.startswith("LoRA ops") else "")
+                ref = rows[f"base (beside rank {k.split()[-1]})"] if k.startswith(("unfused", "fused")) else rows["base"]
+                extra = (f"  {100 * (v / ref - 1):+.1f}% per step (base run beside it: {ref:.3f})"
+                         if k.startswith(("unfused", "fused")) else
+                         f"  {100 * v / rows['base']:.1f}% of a step" if k.startswith("LoRA ops") else "")
                 print(f"  {k:40s} {v:8.3f}{extra}")
     for k, v in report["fuse then quantize: part of the update lost"].items():
         print(f"  fused then quantized, {k}: the LoRA's effect off by {100 * v:.0f}% of its norm")
     for k, v in report["full FLUX.1 bytes"].items():
         print(f"  {k:40s} {v / 2**30:8.2f} GiB")
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":
