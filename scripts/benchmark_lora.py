@@ -95,7 +95,7 @@ def fresh():
 def lora_ops_time(model, forward, runs) -> float:
     """The unfused LoRA's own work in one forward, timed alone on inputs of the very shapes the forward
     gives each wrapped layer: the difference of two noisy forward timings cannot resolve a cost this
-    small on a shared CPU. Includes the add onto the layer's output."""
+    small on a shared CPU. Includes the add onto the layer's output (lora.low_rank)."""
     calls, original = [], lora.LoraLinear.__call__
 
     def recording(self, x):
@@ -108,7 +108,7 @@ def lora_ops_time(model, forward, runs) -> float:
         lora.LoraLinear.__call__ = original
     work = [(mx.random.normal(shape), mx.random.normal(shape[:-1] + (b.shape[0],)), a, b) for shape, a, b in calls]
     mx.eval([w[:2] for w in work])
-    return median_time(lambda: mx.eval([y + (x @ a.T) @ b.T for x, y, a, b in work]), runs + 2)
+    return median_time(lambda: mx.eval([lora.low_rank(y, x, lora._Delta(a, b)) for x, y, a, b in work]), runs + 2)
 
 
 def interleaved(fns: dict, runs: int) -> dict:

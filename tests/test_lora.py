@@ -207,7 +207,8 @@ def test_quantized_base_keeps_its_loras(wide_dir, files):
 
 def test_low_memory_mode_reapplies_text_encoder_loras(schnell_dir, files):
     """In low-memory mode CLIP is freed after each prompt and read again: the LoRA's CLIP part is applied
-    to each new copy (the images equal the normal mode's bit for bit)."""
+    to each new copy, and set_loras while CLIP is freed reads it and adapts it (the images equal the
+    normal mode's bit for bit)."""
     L = latents(n=1)
     pipe = fresh(schnell_dir)
     pipe.set_loras([(files["c"], 1.0)])
@@ -216,6 +217,9 @@ def test_low_memory_mode_reapplies_text_encoder_loras(schnell_dir, files):
     assert np.array_equal(images(low, L), want)
     low._prompt_cache.clear()  # a new prompt reads CLIP again
     assert low.text_encoder is None and np.array_equal(images(low, L), want)
+    pipe.set_loras([(files["c"], 0.5)])  # changed while CLIP is freed: read again, then re-adapted
+    low.set_loras([(files["c"], 0.5)])
+    assert np.array_equal(images(low, L), images(pipe, L))
 
 
 # --------------------------------------------------------------------------- bad files
@@ -356,3 +360,25 @@ def test_recipe_records_the_loras_applied(schnell_dir, files):
     for bad in ([{"file": "x"}], [{**pipe.loras[0], "sha256": "abc"}], [{**pipe.loras[0], "scale": "1"}], "x"):
         with pytest.raises(RecipeError, match="(?i)lora"):
             Recipe(PROMPT, loras=bad)
+
+
+@pytest.mark.parametrize("bits", [None, 4, 8])
+def test_wrapped_layer_on_a_bf16_base(bits):
+    """On a bf16 layer (plain, 4- or 8-bit) the LoRA layer's output stays bf16 and is the base layer's
+    output plus x A^T B^T (float32 of the bf16-rounded A, B) within bf16 rounding: no float32 upcast of
+    the stream, nothing of the update quantized; its parameters are the base's own arrays."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    mx.random.seed(0)
+    layer = nn.Linear(64, 32)
+    layer.set_dtype(mx.bfloat16)
+    if bits:
+        layer = nn.QuantizedLinear.from_linear(layer, 64, bits)
+    a, b = mx.random.normal((4, 64)), mx.random.normal((32, 4)) * 0.1
+    wrapped = lora.wrap(layer, a, b)
+    x = mx.random.normal((2, 3, 64)).astype(mx.bfloat16)
+    a16, b16 = a.astype(mx.bfloat16).astype(mx.float32), b.astype(mx.bfloat16).astype(mx.float32)
+    want = layer(x).astype(mx.float32) + (x.astype(mx.float32) @ a16.T) @ b16.T
+    got = wrapped(x)
+    assert got.dtype == mx.bfloat16 and mx.allclose(got.astype(mx.float32), want, rtol=1e-2, atol=2e-2).item()
+    assert all(wrapped[k] is layer[k] for k in layer) and set(wrapped) == set(layer)
