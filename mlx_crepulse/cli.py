@@ -97,7 +97,7 @@ def _generate(args, stdout) -> int:
     output = Path(args.output or DEFAULT_OUTPUT)
     check_writable(output)
     files = ModelFolder.open(recipe.model, progress=not args.quiet)
-    resolved = files.resolve(recipe, recipe.quantize)
+    resolved = files.resolve(recipe, recipe.quantize, force=args.force)
     if recipe.negative_prompt and resolved.true_cfg <= 1:
         _say(args, "warning: --negative-prompt has no effect with true CFG off: pass --true-cfg above 1")
     _check_tokens(files, resolved, args.truncate, args.quiet)

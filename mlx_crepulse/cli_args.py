@@ -72,6 +72,7 @@ def generation_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="with --from: write the whole batch, not only that image")
     p.add_argument("--no-sheet", action="store_true", help="do not write the contact sheet")
     p.add_argument("--low-memory", action="store_true", help="free the text encoders between prompts")
+    p.add_argument("--force", action="store_true", help="run even when the memory estimate says it will not fit")
     p.add_argument("--quiet", action="store_true", help="nothing on stderr but errors")
     p.add_argument("--version", action="version", version=f"mlx-crepulse {__version__}")
     return p

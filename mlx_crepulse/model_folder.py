@@ -10,7 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from . import weights
+import mlx.core as mx
+
+from . import footprint, weights
 from .defaults import Defaults
 from .models.autoencoder import VAEParams
 from .models.config import ConfigError
@@ -62,14 +64,16 @@ class ModelFolder:
         """Image sizes must be multiples of this: 2x2 patches of the VAE's latent pixels (16 for FLUX)."""
         return max(16, 2 * 2 ** (len(self.configs["vae"]["block_out_channels"]) - 1))
 
-    def resolve(self, recipe: Recipe, quantize: Optional[int] = None) -> Recipe:
-        """The recipe with this model's defaults, checked against it."""
+    def resolve(self, recipe: Recipe, quantize: Optional[int] = None, force: bool = False) -> Recipe:
+        """The recipe with this model's defaults, checked against it (and, unless `force`, against this
+        machine's memory)."""
         resolved = recipe.resolve(self.defaults, model=self.source, quantize=self.saved_bits or quantize)
-        self.check(resolved)
+        self.check(resolved, force)
         return resolved
 
-    def check(self, recipe: Recipe):
-        """What a resolved recipe asks that this model cannot do: one RecipeError naming it."""
+    def check(self, recipe: Recipe, force: bool = False):
+        """What a resolved recipe asks that this model (or, unless `force`, this machine's memory)
+        cannot do: one RecipeError naming it."""
         m = self.size_multiple
         for name in ("width", "height"):
             v = getattr(recipe, name)
@@ -81,6 +85,9 @@ class ModelFolder:
                 recipe.method.check_model(p.num_layers, p.num_attention_heads * p.attention_head_dim)
         except ValueError as e:
             raise RecipeError(str(e)) from None
+        if not force:
+            footprint.check(self.configs, recipe, footprint.weights_on_disk(self.folder, recipe.quantize),
+                            scores_materialised=mx.default_device() == mx.cpu)
 
     def token_overflow(self, recipe: Recipe) -> list:
         """(what, tokens, limit) for the prompt and negative prompt that are longer than the recipe's

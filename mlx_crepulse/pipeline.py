@@ -214,9 +214,10 @@ class Pipeline:
         z = vae.encode(mx.array(images * 2 - 1).astype(_dtype_of(vae)))
         return sampling.pack((z.astype(mx.float32) - vae.shift_factor) * vae.scaling_factor)
 
-    def resolve(self, recipe=None, **settings) -> Recipe:
+    def resolve(self, recipe=None, force: bool = False, **settings) -> Recipe:
         """A Recipe (or a prompt, or settings alone) with this model's defaults filled in and checked
-        against this model: what `generate` runs. Keyword settings replace the recipe's."""
+        against this model and, unless `force`, this machine's memory: what `generate` runs. Keyword
+        settings replace the recipe's."""
         if "repulsion" in settings:  # the 0.1 name of the method parameter
             warnings.warn("generate(repulsion=...) is now generate(method=...)", DeprecationWarning, stacklevel=3)
             settings["method"] = settings.pop("repulsion")
@@ -226,19 +227,20 @@ class Pipeline:
             recipe = Recipe(**({"prompt": recipe} if recipe is not None else {}), **settings)
         else:
             raise RecipeError(f"generate takes a Recipe or a prompt, not {type(recipe).__name__}")
-        return self.files.resolve(recipe, self.quantize)
+        return self.files.resolve(recipe, self.quantize, force)
 
     def generate(self, recipe=None, callback: Optional[Callable] = None, latents=None, image=None,
-                 output_type: str = "pil", **settings) -> Result:
+                 output_type: str = "pil", force: bool = False, **settings) -> Result:
         """Generate a batch of images of one prompt together: `generate(Recipe(...))`, or
         `generate("a prompt", n=4, method=Repulsion(...), ...)` with any Recipe field as a keyword.
         `latents`: the initial packed noise (n, tokens, channels) instead of the seeds'. `image`: start
         from these images (n, H, W, 3 in [0, 1]) noised to the recipe's `strength` (image to image, as
         diffusers' FluxImg2ImgPipeline). A recipe's `blend` needs its sources recorded with `record`.
-        `callback(progress)` runs after each step; returning False cancels (raises `Cancelled`)."""
+        `callback(progress)` runs after each step; returning False cancels (raises `Cancelled`). A batch
+        that would not fit in this machine's memory is refused (`footprint.TooLarge`) unless `force`."""
         if output_type not in ("pil", "np"):
             raise ValueError(f"output_type must be 'pil' or 'np', not {output_type!r}")
-        run = self._begin(self.resolve(recipe, **settings), latents, image)
+        run = self._begin(self.resolve(recipe, force, **settings), latents, image)
         started = time.perf_counter()
         x, sig = run.x, None
         for i, x, x0, sig in self._steps(run, callback, run.steps, started):
@@ -250,12 +252,12 @@ class Pipeline:
                       time.perf_counter() - started)
 
     def record(self, recipe, rows: list, record_steps: int = 2, callback: Optional[Callable] = None,
-               latents=None, image=None, **settings) -> list:
+               latents=None, image=None, force: bool = False, **settings) -> list:
         """What the transformer does to images `rows` of the batch `generate(recipe, ...)` makes, during
         its first `record_steps` steps (at least as many as the batch is repelled): a `Recording` per row,
         the sources of a `Blend` (a blend batch can be recorded too: its own blend is replayed). Runs only
         those steps; decodes nothing. `callback(progress)` as for `generate`."""
-        recipe = self.resolve(recipe, **settings)
+        recipe = self.resolve(recipe, force, **settings)
         n, method, blend = recipe.n, recipe.method, recipe.blend
         bad = [r for r in rows if not (isinstance(r, int) and 0 <= r < n)]
         if bad or not rows:

@@ -123,6 +123,8 @@ BAD = {
     "absurd n": ([PROMPT, "-n", "3000000000"], "n must be 1 to 4096"),
     "absurd steps": ([PROMPT, "--steps", "100000000000"], "steps must be 1 to 1000"),
     "absurd sequence": ([PROMPT, "--max-sequence-length", "100000"], "max_sequence_length must be 1 to 4096"),
+    "too large for memory": ([PROMPT, "--width", "1024", "--height", "1024", "-n", "1", "--steps", "1"],
+                             "needs about", "the largest that fits is", "--force"),
     "convert a missing file": (["convert", "flux1-dev.safetensors", "--base", "dev", "-q", "8", "-o", "out"],
                                "flux1-dev.safetensors does not exist"),
 }

@@ -7,6 +7,7 @@ exactly the unset fields.
 """
 
 import json
+import os
 import shutil
 import sqlite3
 import subprocess
@@ -35,6 +36,13 @@ def pixels(path) -> np.ndarray:
         return np.asarray(im.convert("RGB"))
 
 
+# The fixtures were made with MLX's own CPU BLAS, as CI runs; float32 sums in another BLAS (OpenBLAS,
+# preloaded for speed) round differently, so bit-exactness is checked in the configuration that made them.
+SAME_BLAS = pytest.mark.skipif("openblas" in os.environ.get("LD_PRELOAD", ""),
+                               reason="fixtures are bit-exact with MLX's bundled BLAS; OpenBLAS is preloaded")
+
+
+@SAME_BLAS
 @pytest.mark.parametrize("path", [p for p in PNGS if "sheet" not in p.name], ids=lambda p: p.name)
 def test_png_of_version_0_1_reruns_bit_for_bit(path, demo):
     """A 0.1.0 PNG's recipe (schema 1: `repulsion` by class name, `steps` for repelled steps) migrates,
@@ -65,6 +73,7 @@ def test_migration_of_schema_1_names():
         Recipe.from_dict(dict(prompt="p", schema=99))
 
 
+@SAME_BLAS
 def test_cli_from_a_0_1_png_writes_the_same_pixels(tmp_path):
     """The CLI's `--from` on a 0.1.0 file: the same image, now with a schema-2 recipe."""
     source = next(p for p in PNGS if p.name == "a-red-circle-3-0.png")  # true CFG, listed blocks
@@ -158,6 +167,28 @@ def test_pipeline_refuses_what_the_model_cannot_do_before_any_work(demo, monkeyp
                       (dict(n=1, strength=0.5), "needs both an image and a strength")):
         with pytest.raises(RecipeError, match=words.replace("[", r"\[").replace("]", r"\]")):
             demo.generate("a red circle", **kw)
+
+
+def test_memory_estimate_refuses_before_work_and_force_overrides(demo, monkeypatch):
+    """A batch whose step cannot fit is refused before any work with the numbers and the largest size
+    that fits (a fake 4 GiB machine here); the estimate grows as the attention's S^2 on the CPU; with
+    force=True the same recipe runs."""
+    from mlx_crepulse import footprint
+
+    configs = demo.files.configs
+    small = demo.resolve("a red circle", n=2, seed=1, steps=1, width=64, height=64)
+    double = demo.resolve("a red circle", n=2, seed=1, steps=1, width=128, height=128)
+    heads = configs["transformer"]["num_attention_heads"]
+    for r in (small, double):  # the CPU's scores: 3 float32 arrays of (2n with true CFG) x heads x S x S
+        tokens = (r.width // 4) * (r.height // 4) + r.max_sequence_length  # the demo: 4 px a token
+        scores = footprint.step_bytes(configs, r, True) - footprint.step_bytes(configs, r, False)
+        assert scores == 3 * (2 * r.n) * heads * tokens ** 2 * 4
+    monkeypatch.setattr(footprint, "physical_memory", lambda: 4 * footprint.GiB)
+    monkeypatch.setattr(demo, "encode", lambda *a: pytest.fail("work started before checking"))
+    with pytest.raises(footprint.TooLarge, match=r"needs about .* the largest that fits is \d+x\d+ with n=4"):
+        demo.generate("a red circle", n=4, seed=1, steps=1, width=256, height=256)
+    monkeypatch.undo()
+    assert len(demo.generate("a red circle", n=2, seed=1, steps=1, width=64, height=64, force=True).images) == 2
 
 
 def test_history_of_version_0_1_opens_and_migrates(tmp_path):
