@@ -132,6 +132,9 @@ class Pipeline:
             raise ValueError(f"quantize must be None, 4 or 8 (bits), not {quantize!r}")
         folder = weights.resolve(source, progress=progress)
         index = weights.read_json(folder / "model_index.json")
+        if index.get("_class_name") == "Flux2KleinPipeline":  # FLUX.2 [klein]: its own components
+            from .klein import KleinPipeline
+            return KleinPipeline.load(folder, index, str(source), quantize, low_memory)
         missing = [c for c in weights.COMPONENTS if c not in index or not (folder / c).is_dir()]
         if missing:
             raise weights.WeightsError(f"{folder} is not a complete FLUX pipeline: missing {', '.join(missing)}")
@@ -345,7 +348,7 @@ class Pipeline:
             if noise.shape != (n, rows * cols, channels):
                 raise ValueError(f"latents must have shape {(n, rows * cols, channels)} for n={n} at "
                                  f"{width}x{height}, not {tuple(noise.shape)}")
-        sigmas = sampling.schedule(steps, rows * cols, self.scheduler_config)
+        sigmas = self.schedule(steps, rows * cols)
         x = noise
         if image is not None:  # image to image: skip the noisiest steps, start from the noised image
             sigmas = sigmas[sampling.image_to_image_start(steps, strength):]
@@ -363,8 +366,7 @@ class Pipeline:
         n = x.shape[0]
         tf = self.transformer
         groups = 2 if neg is not None else 1
-        txt_ids = mx.zeros((txt.shape[1], 3))
-        pe = tf.pos_embed(txt_ids, sampling.image_ids(rows, cols))
+        pe = self.positions(txt.shape[1], rows, cols)
         g = None if guidance is None or not tf.guidance_embeds else mx.array([guidance], mx.float32)
         signatures = []
         sig_block = len(tf.transformer_blocks) // 2
@@ -400,6 +402,14 @@ class Pipeline:
             x = x + (sigmas[i + 1] - sigma) * v
             mx.eval(x)
             yield i, x, x0, signatures[0] if signatures else None
+
+    def schedule(self, steps: int, image_tokens: int) -> list:
+        """The sigmas of a call (steps + 1 values); a model family may schedule otherwise."""
+        return sampling.schedule(steps, image_tokens, self.scheduler_config)
+
+    def positions(self, text_tokens: int, rows: int, cols: int) -> tuple:
+        """RoPE of the joint sequence (text first); FLUX.1's text positions are all zero."""
+        return self.transformer.pos_embed(mx.zeros((text_tokens, 3)), sampling.image_ids(rows, cols))
 
     def _check(self, prompt, n, steps, width, height, true_cfg, strength):
         if not isinstance(prompt, str) or not prompt.strip():

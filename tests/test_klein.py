@@ -1,0 +1,157 @@
+"""FLUX.2 [klein] against diffusers' `Flux2KleinPipeline`, piece by piece and whole.
+
+The authority is diffusers (and transformers) itself: the tiny pipelines of `tests/tiny_klein.py` are
+written by `Flux2KleinPipeline.save_pretrained` and run by it in torch float32 on the CPU; our loader reads
+the same folder through `Pipeline.from_pretrained`.
+"""
+
+import functools
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
+from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu, retrieve_timesteps
+from transformers import AutoTokenizer, Qwen3ForCausalLM
+
+from mlx_crepulse import Pipeline, klein, sampling, weights
+from tests import tiny_klein
+
+PROMPT = "a red circle on a blue square"
+TOKENS, CHANNELS = 64, 16
+
+
+@pytest.fixture(scope="module")
+def distilled_dir(tmp_path_factory):
+    return tiny_klein.build(tmp_path_factory.mktemp("klein"), distilled=True)
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    return tiny_klein.build(tmp_path_factory.mktemp("klein-base"), distilled=False, seed=1)
+
+
+@functools.lru_cache(maxsize=None)
+def loaded(folder) -> Pipeline:
+    return Pipeline.from_pretrained(str(folder))
+
+
+@functools.lru_cache(maxsize=None)
+def reference(folder) -> Flux2KleinPipeline:
+    return tiny_klein.reference(folder)
+
+
+def latents(n=2, seed=0):
+    return np.random.default_rng(seed).standard_normal((n, TOKENS, CHANNELS)).astype(np.float32)
+
+
+def to_torch(L):
+    """Our packed tokens (n, rows * cols, 4C) -> diffusers' patchified latents (n, 4C, rows, cols)."""
+    n = L.shape[0]
+    return torch.from_numpy(L.reshape(n, 8, 8, CHANNELS).transpose(0, 3, 1, 2).copy())
+
+
+def diffusers_images(folder, L, steps=4, guidance_scale=1.0, **kw):
+    return reference(folder)(prompt=PROMPT, latents=to_torch(L), num_inference_steps=steps, guidance_scale=guidance_scale,
+                             height=tiny_klein.SIZE, width=tiny_klein.SIZE, max_sequence_length=tiny_klein.SEQ,
+                             text_encoder_out_layers=tiny_klein.LAYERS, output_type="np",
+                             num_images_per_prompt=L.shape[0], **kw).images
+
+
+def test_family_is_detected_from_model_index(distilled_dir, base_dir):
+    """model_index.json's _class_name picks the family; is_distilled picks the variant's defaults."""
+    pipe, base = loaded(distilled_dir), loaded(base_dir)
+    assert isinstance(pipe, klein.KleinPipeline) and pipe.distilled and pipe.defaults.true_cfg == 1.0
+    assert not base.distilled and base.defaults.true_cfg == 4.0 and base.defaults.steps == 4  # crepulse.json
+    assert pipe.latent_channels == CHANNELS and pipe.size_multiple() == 16
+
+
+@pytest.mark.parametrize("prompt", [PROMPT, "", "a very long prompt " * 10])
+def test_text_encoder_matches_diffusers(distilled_dir, prompt):
+    """Token ids and mask equal transformers' tokenizer on the chat template (thinking disabled, padded and
+    truncated), and the stacked hidden states equal diffusers' _get_qwen3_prompt_embeds within 1e-4."""
+    tok = AutoTokenizer.from_pretrained(distilled_dir / "tokenizer")
+    text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                   add_generation_prompt=True, enable_thinking=False)
+    want = tok(text, padding="max_length", truncation=True, max_length=tiny_klein.SEQ)
+    pipe = loaded(distilled_dir)
+    ids, mask = pipe.tokenizer.ids(prompt, tiny_klein.SEQ)
+    assert ids[0].tolist() == want["input_ids"] and mask[0].tolist() == want["attention_mask"]
+    qwen = Qwen3ForCausalLM.from_pretrained(distilled_dir / "text_encoder", dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = Flux2KleinPipeline._get_qwen3_prompt_embeds(qwen, tok, prompt, max_sequence_length=tiny_klein.SEQ,
+                                                          hidden_states_layers=tiny_klein.LAYERS).numpy()
+    txt, pooled = pipe.encode(prompt, tiny_klein.SEQ)
+    assert pooled is None and txt.shape == (1, tiny_klein.SEQ, 3 * 32)
+    np.testing.assert_allclose(np.array(txt), ref, atol=1e-4, rtol=0)
+
+
+def test_vae_matches_diffusers(distilled_dir):
+    """Decode (BatchNorm denormalisation, 2x2 unpatching, decoder) and encode (mean, patching,
+    normalisation) equal diffusers' AutoencoderKLFlux2 as the pipeline drives it, within 1e-4."""
+    ref = AutoencoderKLFlux2.from_pretrained(distilled_dir / "vae").eval()
+    pipe = loaded(distilled_dir)
+    L = latents(1)
+    with torch.no_grad():
+        t = to_torch(L)
+        std = torch.sqrt(ref.bn.running_var.view(1, -1, 1, 1) + ref.config.batch_norm_eps)
+        z = Flux2KleinPipeline._unpatchify_latents(t * std + ref.bn.running_mean.view(1, -1, 1, 1))
+        want = (ref.decode(z).sample / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    np.testing.assert_allclose(pipe.decode(mx.array(L), 8, 8), want, atol=1e-4, rtol=0)
+    image = np.random.default_rng(3).uniform(0, 1, (1, 32, 32, 3)).astype(np.float32)
+    with torch.no_grad():
+        mean = ref.encode(torch.from_numpy(image * 2 - 1).permute(0, 3, 1, 2)).latent_dist.mode()
+        p = Flux2KleinPipeline._patchify_latents(mean)
+        p = (p - ref.bn.running_mean.view(1, -1, 1, 1)) / std
+        want = Flux2KleinPipeline._pack_latents(p).numpy()
+    np.testing.assert_allclose(np.array(pipe.encode_image(image)), want, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("config", [dict(use_dynamic_shifting=True, shift=3.0),
+                                    dict(use_dynamic_shifting=True, time_shift_type="linear"),
+                                    dict(use_dynamic_shifting=False, shift=3.0)])
+@pytest.mark.parametrize("steps,tokens", [(4, 64), (4, 4096), (50, 4096), (28, 1024), (4, 5000)])
+def test_schedule_equals_diffusers(config, steps, tokens):
+    """Our sigmas equal FlowMatchEulerDiscreteScheduler's as Flux2KleinPipeline sets them (empirical mu)."""
+    scheduler = FlowMatchEulerDiscreteScheduler(**config)
+    retrieve_timesteps(scheduler, steps, sigmas=np.linspace(1.0, 1 / steps, steps),
+                       mu=compute_empirical_mu(tokens, steps))
+    np.testing.assert_allclose(klein.schedule(steps, tokens, dict(scheduler.config)),
+                               scheduler.sigmas.numpy(), atol=1e-6, rtol=0)
+
+
+def test_unsupported_scheduler_is_one_clear_error():
+    with pytest.raises(weights.WeightsError, match="use_karras_sigmas"):
+        klein.schedule(4, 64, {"use_karras_sigmas": True})
+
+
+def test_distilled_images_match_diffusers(distilled_dir):
+    """A batch of 2 from the same latents: our images equal Flux2KleinPipeline's within 2e-3."""
+    L = latents()
+    got = loaded(distilled_dir).generate(PROMPT, n=2, latents=L, output_type="np", steps=4).images
+    np.testing.assert_allclose(got, diffusers_images(distilled_dir, L), atol=2e-3, rtol=0)
+
+
+def test_base_images_match_diffusers_with_true_cfg(base_dir):
+    """The base variant runs true CFG against the empty prompt (diffusers' guidance_scale = our true_cfg)."""
+    L = latents(seed=1)
+    got = loaded(base_dir).generate(PROMPT, n=2, latents=L, output_type="np", steps=4, true_cfg=3.0).images
+    want = diffusers_images(base_dir, L, guidance_scale=3.0)
+    np.testing.assert_allclose(got, want, atol=2e-3, rtol=0)
+    plain = loaded(base_dir).generate(PROMPT, n=2, latents=L, output_type="np", steps=4, true_cfg=1.0).images
+    assert np.abs(plain - want).max() > 4e-3  # CFG really acted (twice the tolerance)
+
+
+def test_missing_component_is_one_clear_error(distilled_dir, tmp_path):
+    """A [klein] folder without its text encoder: a WeightsError naming it, before anything is read."""
+    import shutil
+    broken = tmp_path / "broken"
+    shutil.copytree(distilled_dir, broken)
+    shutil.rmtree(broken / "text_encoder")
+    with pytest.raises(weights.WeightsError, match="missing text_encoder"):
+        Pipeline.from_pretrained(str(broken))
+    shutil.copytree(distilled_dir / "text_encoder", broken / "text_encoder")
+    (broken / "tokenizer" / "tokenizer.json").unlink()
+    with pytest.raises(weights.WeightsError, match="tokenizer"):
+        Pipeline.from_pretrained(str(broken))
