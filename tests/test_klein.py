@@ -155,3 +155,59 @@ def test_missing_component_is_one_clear_error(distilled_dir, tmp_path):
     (broken / "tokenizer" / "tokenizer.json").unlink()
     with pytest.raises(weights.WeightsError, match="tokenizer"):
         Pipeline.from_pretrained(str(broken))
+
+
+# --- repulsion through the one hook, against diffusers with the same update hooked into its blocks ----------
+
+def hooked_reference(folder, L, scale, iterations, steps, blocks, guidance_scale):
+    """Flux2KleinPipeline with the paper's update applied by forward hooks on its own blocks: the text
+    stream after each double block, the joint sequence after each single block (FLUX.2's single blocks
+    return it whole). With CFG diffusers runs the two branches as two calls, so each is its own group."""
+    from tests.test_repulsion import torch_ascend
+    pipe = reference(folder)
+    state = {"step": 0}
+
+    def double_hook(module, args, output):
+        if state["step"] >= steps:
+            return output
+        txt, img = output
+        return torch_ascend(txt, scale, iterations), img
+
+    def single_hook(module, args, output):
+        return output if state["step"] >= steps else torch_ascend(output, scale, iterations)
+
+    tf = pipe.transformer
+    handles = []
+    if blocks in ("double", "all"):
+        handles += [b.register_forward_hook(double_hook) for b in tf.transformer_blocks]
+    if blocks in ("single", "all"):
+        handles += [b.register_forward_hook(single_hook) for b in tf.single_transformer_blocks]
+
+    def on_step_end(p, i, t, kw):
+        state["step"] = i + 1
+        return kw
+    try:
+        return diffusers_images(folder, L, guidance_scale=guidance_scale, callback_on_step_end=on_step_end)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@pytest.mark.parametrize("variant,blocks", [("distilled", "double"), ("distilled", "all"), ("base", "all")])
+def test_repulsion_matches_diffusers_with_hooked_update(distilled_dir, base_dir, variant, blocks):
+    """Repelled images equal diffusers' with the same update (torch autograd through eigvalsh) hooked into
+    its blocks, within 2e-3, for the distilled model and for the base model's two CFG branches as groups;
+    and repulsion really changed them."""
+    from mlx_crepulse import Repulsion
+    folder, cfg = (distilled_dir, 1.0) if variant == "distilled" else (base_dir, 3.0)
+    pipe = loaded(folder)
+    L = latents(3, seed=4)
+    r = Repulsion(scale=SCALE, iterations=5, steps=2, blocks=blocks)
+    got = pipe.generate(PROMPT, n=3, latents=L, output_type="np", repulsion=r, steps=4, true_cfg=cfg).images
+    plain = pipe.generate(PROMPT, n=3, latents=L, output_type="np", steps=4, true_cfg=cfg).images
+    want = hooked_reference(folder, L, SCALE, 5, 2, blocks, cfg)
+    assert np.abs(got - want).max() <= 2e-3
+    assert np.abs(got - plain).max() > 5e-3
+
+
+SCALE = 1e4  # the tiny model's text states are small; this moves its images visibly

@@ -74,6 +74,11 @@ def build(folder: Path, distilled: bool = True, seed: int = 0) -> Path:
         for model in (transformer, vae):
             for p in model.parameters():
                 p.add_(torch.randn_like(p) * 0.05)
+        # random weights this small leave the images nearly blind to the text: scale the transformer up
+        # (the text's path most, Qwen3's random states being small) so that prompts and repulsion show
+        for p in transformer.parameters():
+            p.mul_(2.0)
+        transformer.context_embedder.weight.mul_(4.0)
         vae.bn.running_mean.copy_(torch.randn(16) * 0.2)
         vae.bn.running_var.copy_(torch.rand(16) + 0.5)
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
