@@ -25,11 +25,6 @@ from .pipeline import VAE_TILE, Defaults, Pipeline, _dtype_of, _saved_bits
 CLASS_NAME = "Flux2KleinPipeline"
 COMPONENTS = ("transformer", "text_encoder", "vae", "tokenizer", "scheduler")
 QUANTIZED = ("transformer", "text_encoder")
-# The Hub's [klein] repos (diffusers layout). 4B: Apache-2.0; 9B: FLUX non-commercial licence (gated).
-ALIASES = {"klein": "black-forest-labs/FLUX.2-klein-4B", "klein-base": "black-forest-labs/FLUX.2-klein-base-4B",
-           "klein-9b": "black-forest-labs/FLUX.2-klein-9B", "klein-9b-base": "black-forest-labs/FLUX.2-klein-base-9B"}
-HUB_PATTERNS = ["model_index.json", "crepulse.json"] + [f"{c}/*.json" for c in COMPONENTS] + [
-    f"{c}/*.safetensors" for c in ("transformer", "text_encoder", "vae")] + ["tokenizer/*.txt", "tokenizer/*.jinja"]
 
 
 def is_klein(index: dict) -> bool:
@@ -108,9 +103,12 @@ class KleinPipeline(Pipeline):
         vae = component("vae", AutoencoderKLFlux2(configs["vae"]), vae_sanitize)
         text_encoder, _ = encoders()
         distilled = bool(index.get("is_distilled", False))
-        return cls(transformer, text_encoder, vae, tokenizer, scheduler, defaults_for(folder, distilled, extra),
+        name = variant(distilled, configs["transformer"])
+        pipe = cls(transformer, text_encoder, vae, tokenizer, scheduler, defaults_for(name, extra),
                    source=str(source), quantize=_saved_bits(transformer.config) or quantize,
                    reload_encoders=encoders if low_memory else None, distilled=distilled)
+        pipe.variant = name
+        return pipe
 
     def save(self, folder):
         raise NotImplementedError("saving a FLUX.2 [klein] pipeline is not supported yet; load it from its "
@@ -170,25 +168,33 @@ def _tokenizer(folder: Path) -> ChatTokenizer:
                                    "model again") from e
 
 
-# Per-variant defaults. Steps and guidance are the model cards' (distilled: 4 steps, no CFG; base: 50 steps,
-# CFG 4 against the empty prompt); the repulsion scale range is transferred from the paper's Flux-dev range
-# (see DIVERSITY below and scripts/klein_scale.py), unmeasured on real weights.
+# Per-variant defaults, by the aliases' names. Steps and CFG are the model cards': distilled 4 steps without
+# CFG, base 50 steps with CFG 4 against the empty prompt; 1024 px; Qwen3 512 tokens. The repulsion scale range
+# is this package's FLUX.1 range (1e8, 5e9) transferred by equal relative update of the first repelled block
+# at full width (scripts/klein_scale.py: factor 1.00 for 4B's 512 x 3072 text stream, 1.33 for 9B's
+# 512 x 4096), measured on synthetic activations and unmeasured on real weights. Repelled steps: 1 for the
+# distilled models (the paper's tau for Flux-dev and SD3.5-Turbo), 7 of 50 for base (SD3.5-Large's 4 of 28,
+# the paper's true-CFG model, at the same fraction of the trajectory); 50 iterations (the paper's M for Flux-dev).
+_DISTILLED = dict(steps=4, guidance=None, true_cfg=1.0, width=1024, height=1024, max_sequence_length=512,
+                  repulsion_iterations=50, repulsion_steps=1)
+_BASE = dict(_DISTILLED, steps=50, true_cfg=4.0, repulsion_steps=7)
 VARIANTS = {
-    True: dict(steps=4, guidance=None, true_cfg=1.0, width=1024, height=1024, max_sequence_length=512),
-    False: dict(steps=50, guidance=None, true_cfg=4.0, width=1024, height=1024, max_sequence_length=512),
+    "klein": dict(_DISTILLED, repulsion_scale_range=(1e8, 5e9)),
+    "klein-base": dict(_BASE, repulsion_scale_range=(1e8, 5e9)),
+    "klein-9b": dict(_DISTILLED, repulsion_scale_range=(1.33e8, 6.67e9)),
+    "klein-9b-base": dict(_BASE, repulsion_scale_range=(1.33e8, 6.67e9)),
 }
 
 
-def defaults_for(folder: Path, distilled: bool, extra: dict) -> Defaults:
+def variant(distilled: bool, transformer_config: dict) -> str:
+    """The alias name of a folder's variant: 9B's transformer is 4096 wide (32 heads), 4B's 3072."""
+    width = transformer_config["num_attention_heads"] * transformer_config["attention_head_dim"]
+    return ("klein-9b" if width >= 4096 else "klein") + ("" if distilled else "-base")
+
+
+def defaults_for(name: str, extra: dict) -> Defaults:
     """The variant's defaults, then the folder's crepulse.json over them (as for FLUX.1)."""
-    d = dict(VARIANTS[distilled], repulsion_scale_range=DIVERSITY[distilled])
     known = {k: v for k, v in extra.items() if k in Defaults.__dataclass_fields__}
-    d = Defaults(**{**d, **known})
+    d = Defaults(**{**VARIANTS[name], **known})
     d.repulsion_scale_range = tuple(d.repulsion_scale_range)
     return d
-
-
-# The repulsion scale range, transferred from Flux-dev's (paper: eta 5e6 to 8e9; this package's FLUX.1 range
-# 1e8 to 5e9) by keeping the first repelled block's relative update size |eta dH/dtxt| / |txt| equal; the
-# ratio was measured on synthetic full-width activations (scripts/klein_scale.py). Unmeasured on real weights.
-DIVERSITY = {True: (1e8, 5e9), False: (1e8, 5e9)}

@@ -55,18 +55,22 @@ def write_tokenizer(folder: Path):
     return hf
 
 
-def build(folder: Path, distilled: bool = True, seed: int = 0) -> Path:
-    """Write a tiny [klein] pipeline (distilled, or base: true CFG) to `folder`, every weight non-zero."""
+def build(folder: Path, distilled: bool = True, seed: int = 0, wide: bool = False) -> Path:
+    """Write a tiny [klein] pipeline (distilled, or base: true CFG) to `folder`, every weight non-zero.
+
+    `wide`: transformer and Qwen3 64 wide, so that most Linear layers' input widths are multiples of the
+    quantization group size (64) and quantizing really changes them."""
+    hidden, heads = (64, 4) if wide else (32, 2)  # Qwen3 width; transformer heads of 16
     folder = Path(folder)
     with tempfile.TemporaryDirectory() as tmp:
         tok = write_tokenizer(Path(tmp))
     torch.manual_seed(seed)
-    qwen = Qwen3ForCausalLM(Qwen3Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+    qwen = Qwen3ForCausalLM(Qwen3Config(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
                                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                                        head_dim=8, max_position_embeddings=128, rope_theta=10000.0,
+                                        head_dim=hidden // 4, max_position_embeddings=128, rope_theta=10000.0,
                                         tie_word_embeddings=True, pad_token_id=tok.pad_token_id))
     transformer = Flux2Transformer2DModel(in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
-                                          num_attention_heads=2, joint_attention_dim=3 * 32,
+                                          num_attention_heads=heads, joint_attention_dim=3 * hidden,
                                           axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False)
     vae = AutoencoderKLFlux2(latent_channels=4, block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
                              down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
