@@ -253,3 +253,51 @@ def test_aliases_and_variant_defaults(distilled_dir, wide_dir):
     lo9, hi9 = klein.VARIANTS["klein-9b"]["repulsion_scale_range"]
     assert lo9 / lo4 == pytest.approx(4 / 3, rel=1e-2) and hi9 / hi4 == pytest.approx(4 / 3, rel=1e-2)
     assert klein.variant(False, {"num_attention_heads": 32, "attention_head_dim": 128}) == "klein-9b-base"
+
+
+# --- the rest of the engine on [klein]: blending, the reference set, the other methods, low memory -----------
+
+def test_blend_of_repelled_klein_images_reproduces_them(base_dir):
+    """Blending works on [klein] as on FLUX.1, true CFG included: two recorded images of a repelled batch
+    come back exactly at weights 0 and 1 on their own noise, and weight 0.5 lies between."""
+    from mlx_crepulse import Blend, Repulsion
+    pipe = loaded(base_dir)
+    kw = dict(n=3, seed=3, true_cfg=3.0, repulsion=Repulsion(scale=SCALE, iterations=5, steps=2, blocks="all"))
+    batch = pipe.generate(PROMPT, output_type="np", **kw)
+    a, b = pipe.record(PROMPT, [0, 2], record_steps=2, **kw)
+    out = pipe.generate(PROMPT, n=3, latents=batch.noise[[0, 2, 0]], output_type="np", true_cfg=3.0,
+                        blend=Blend([0.5], steps=2, sources=(a, b))).images
+    np.testing.assert_allclose(out[0], batch.images[0], atol=1e-5)
+    np.testing.assert_allclose(out[1], batch.images[2], atol=1e-5)
+    assert np.abs(out[2] - batch.images[0]).max() > 1e-3
+
+
+def test_reference_set_and_baselines_run_on_klein(distilled_dir):
+    """The reference set pushes a new batch's signatures away from seen ones; CADS (no pooled vector on
+    FLUX.2), particle guidance and image-token repulsion all run and change the images."""
+    from mlx_crepulse import CADS, ParticleGuidance, Repulsion
+    pipe = loaded(distilled_dir)
+    seen = pipe.generate(PROMPT, n=4, seed=10, output_type="np").signatures
+
+    def nearest(sig):
+        a = sig / np.linalg.norm(sig, axis=1, keepdims=True)
+        b = seen / np.linalg.norm(seen, axis=1, keepdims=True)
+        return (a.astype(np.float32) @ b.astype(np.float32).T).max(1).mean()
+    plain = pipe.generate(PROMPT, n=4, seed=20, output_type="np")
+    away = pipe.generate(PROMPT, n=4, seed=20, output_type="np",
+                         repulsion=Repulsion(scale=0.0, iterations=10, reference=seen, reference_scale=30.0))
+    assert nearest(away.signatures) < nearest(plain.signatures)
+    for method in (CADS(noise_scale=0.5), ParticleGuidance(0.5), Repulsion(scale=SCALE, iterations=5, tokens="image")):
+        images = pipe.generate(PROMPT, n=4, seed=20, output_type="np", repulsion=method).images
+        assert np.isfinite(images).all() and np.abs(images - plain.images).max() > 1e-3, type(method).__name__
+
+
+def test_low_memory_identical_and_frees_the_encoder(distilled_dir):
+    """low_memory=True: the same images, Qwen3 freed once the prompt is encoded and read again for a new one."""
+    L = latents()
+    want = loaded(distilled_dir).generate(PROMPT, n=2, latents=L, output_type="np").images
+    low = Pipeline.from_pretrained(str(distilled_dir), low_memory=True)
+    np.testing.assert_allclose(low.generate(PROMPT, n=2, latents=L, output_type="np").images, want, atol=1e-6)
+    assert low.text_encoder is None
+    low.generate("another prompt", n=1, output_type="np")
+    assert low.text_encoder is None and low.token_count(PROMPT) > 10
