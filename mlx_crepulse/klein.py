@@ -16,7 +16,7 @@ import numpy as np
 
 from . import sampling, weights
 from .chat_tokenizer import ChatTokenizer
-from .models import qwen3
+from .models import autoencoder, qwen3
 from .models.autoencoder_flux2 import AutoencoderKLFlux2
 from .models.autoencoder_flux2 import sanitize as vae_sanitize
 from .models.flux2 import Flux2Transformer, image_ids, text_ids
@@ -111,8 +111,20 @@ class KleinPipeline(Pipeline):
         return pipe
 
     def save(self, folder):
-        raise NotImplementedError("saving a FLUX.2 [klein] pipeline is not supported yet; load it from its "
-                                  "folder or Hub id (with quantize=4 or 8) instead")
+        """Write a folder in the diffusers layout that loads again as it is (already quantized, if it is).
+        Qwen3 is written as loaded: only the layers the pipeline reads (a folder for this package, which
+        transformers would not load as a language model)."""
+        folder = Path(folder)
+        src = weights.resolve(self.source)
+        q = {"bits": self.quantize, "group_size": weights.GROUP_SIZE} if self.quantize else None
+        if self.text_encoder is None:
+            self.text_encoder, _ = self._reload_encoders()
+        parts = [("transformer", self.transformer, None, q), ("text_encoder", self.text_encoder, None, q),
+                 ("vae", self.vae, autoencoder.unsanitize, None)]
+        for name, model, unsanitize, quant in parts:
+            weights.save_component(model, model.config, folder / name, unsanitize, quant)
+        weights.copy_files(src, folder, ["model_index.json", "tokenizer", "scheduler"] +
+                           (["crepulse.json"] if (src / "crepulse.json").exists() else []))
 
     # --- what FLUX.2 does differently --------------------------------------------------------------
 

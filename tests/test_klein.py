@@ -301,3 +301,16 @@ def test_low_memory_identical_and_frees_the_encoder(distilled_dir):
     assert low.text_encoder is None
     low.generate("another prompt", n=1, output_type="np")
     assert low.text_encoder is None and low.token_count(PROMPT) > 10
+
+
+@pytest.mark.parametrize("bits", [None, 8])
+def test_saved_pipeline_reloads_identically(wide_dir, tmp_path, bits):
+    """`save` writes a folder that loads (with no quantize argument) as the same, quantized or not, model:
+    bit-identical images."""
+    pipe = Pipeline.from_pretrained(str(wide_dir), quantize=bits)
+    L = latents(1, seed=6)
+    want = pipe.generate(PROMPT, n=1, latents=L, output_type="np").images
+    pipe.save(tmp_path / "saved")
+    again = Pipeline.from_pretrained(str(tmp_path / "saved"))
+    assert isinstance(again, klein.KleinPipeline) and again.quantize == bits
+    np.testing.assert_array_equal(again.generate(PROMPT, n=1, latents=L, output_type="np").images, want)
