@@ -314,3 +314,23 @@ def test_saved_pipeline_reloads_identically(wide_dir, tmp_path, bits):
     again = Pipeline.from_pretrained(str(tmp_path / "saved"))
     assert isinstance(again, klein.KleinPipeline) and again.quantize == bits
     np.testing.assert_array_equal(again.generate(PROMPT, n=1, latents=L, output_type="np").images, want)
+
+
+def test_chat_template_inside_tokenizer_config(distilled_dir, tmp_path):
+    """Folders written before transformers 5 keep the template in tokenizer_config.json: read from there,
+    the same text and ids as transformers'."""
+    import json
+    import shutil
+    from mlx_crepulse.chat_tokenizer import ChatTokenizer
+    folder = tmp_path / "tokenizer"
+    shutil.copytree(distilled_dir / "tokenizer", folder)
+    template = (folder / "chat_template.jinja").read_text()
+    (folder / "chat_template.jinja").unlink()
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps(dict(config, chat_template=template)))
+    tok = AutoTokenizer.from_pretrained(folder)
+    want = tok.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=False, add_generation_prompt=True,
+                                   enable_thinking=False)
+    ours = ChatTokenizer(folder)
+    assert ours.text(PROMPT) == want and "<think>\n\n</think>" in want
+    assert ours.ids(PROMPT, 40)[0][0].tolist() == tok(want, padding="max_length", max_length=40)["input_ids"]
