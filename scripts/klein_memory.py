@@ -1,5 +1,7 @@
 """Weight memory of each FLUX.2 [klein] variant, unquantized (bf16) and at 8 and 4 bits, computed from the
-full-size modules built lazily (nothing is allocated): what the CLI's and app's model lists can show.
+full-size modules built lazily (nothing is allocated): what the CLI's and app's model lists can show. And
+the transformer's work per step per image at 1024 px against FLUX.1's, on paper: 2 FLOPs per weight of
+every Linear a token passes through, plus 2 x 2 S^2 D for attention's two products in each block.
 
 The configs are the Hub repos' (4B: 24 heads x 128, 5 + 20 blocks, Qwen3-4B; 9B: 32 heads x 128, 8 + 24
 blocks, Qwen3-8B); Qwen3 is built up to the last layer the pipeline reads (27 of 36), without LM head.
@@ -41,7 +43,37 @@ def models(size):
     return (lambda: Flux2Transformer(tf)), (lambda: qwen3.Qwen3Encoder(te)), (lambda: AutoencoderKLFlux2(VAE))
 
 
+def step_tflops(tf, text_tokens=512, image_tokens=4096) -> float:
+    """One transformer forward for one image at 1024 px (4096 image tokens, 512 text tokens)."""
+    S = text_tokens + image_tokens
+    dim = tf.config["num_attention_heads"] * tf.config["attention_head_dim"]
+    blocks = len(tf.transformer_blocks) + len(tf.single_transformer_blocks)
+    def per_token(block):  # FLUX.1's per-block modulation acts on the conditioning vector, not on tokens
+        return [(n, m) for n, m in block.named_modules() if isinstance(m, nn.Linear) and not n.startswith("norm")]
+    macs = 0
+    for block in tf.transformer_blocks:  # image tokens through the image stream, text through the text one
+        for name, m in per_token(block):
+            text = name.startswith(("attn.add_", "attn.to_add_out", "ff_context"))
+            macs += m.weight.size * (text_tokens if text else image_tokens)
+    for block in tf.single_transformer_blocks:
+        macs += sum(m.weight.size for _, m in per_token(block)) * S
+    macs += blocks * 2 * S * S * dim
+    return 2 * macs / 1e12
+
+
+def flux1_dev():
+    from mlx_crepulse.models.flux import FluxTransformer
+    return FluxTransformer(dict(num_attention_heads=24, attention_head_dim=128, num_layers=19, num_single_layers=38,
+                                guidance_embeds=True))
+
+
 def main():
+    ref = step_tflops(flux1_dev())
+    print(f"transformer TFLOPs per step per image at 1024 px (512 text tokens): FLUX.1-dev {ref:.1f}")
+    for size in ("4B", "9B"):
+        t = step_tflops(models(size)[0]())
+        print(f"  klein {size}: {t:.1f} ({t / ref:.2f} x FLUX.1; base variants run it twice per step for CFG)")
+
     print("variant   bits  transformer  Qwen3 (27 layers)  VAE   total GB")
     for size, names in (("4B", "klein, klein-base"), ("9B", "klein-9b, klein-9b-base")):
         tf, te, vae = models(size)
