@@ -9,6 +9,7 @@ run true CFG against the empty prompt, its two branches repelled as two groups.
 """
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Optional
 
 import mlx.core as mx
@@ -65,50 +66,36 @@ def schedule(steps: int, image_tokens: int, config: dict) -> list:
 
 class KleinPipeline(Pipeline):
     def __init__(self, transformer, text_encoder, vae, tokenizer, scheduler_config: dict, defaults: Defaults,
-                 source: str = "", quantize=None, reload_encoders=None, distilled: bool = True):
+                 source: str = "", quantize=None, reload_encoders=None, distilled: bool = True,
+                 variant: str = "klein"):
         super().__init__(transformer, text_encoder, None, vae, tokenizer, None, scheduler_config, defaults,
                          source=source, quantize=quantize, reload_encoders=reload_encoders)
-        self.distilled = distilled
+        self.distilled, self.variant = distilled, variant
         self.family = "flux2-klein"
 
     @classmethod
     def load(cls, folder: Path, index: dict, source: str, quantize: Optional[int] = None,
              low_memory: bool = False) -> "KleinPipeline":
-        """Everything cheap is checked first (configs, weight files, tokenizer, scheduler), then the
-        components are read, the transformer and Qwen3 quantized while loading when asked."""
-        missing = [c for c in COMPONENTS if c not in index or not (folder / c).is_dir()]
-        if missing:
-            raise weights.WeightsError(f"{folder} is not a complete FLUX.2 [klein] pipeline: missing "
-                                       f"{', '.join(missing)}")
-        configs = {name: weights.read_json(folder / name / "config.json")
-                   for name in ("transformer", "text_encoder", "vae")}
-        for name in configs:
-            weights.weight_files(folder / name)
-        tokenizer = _tokenizer(folder / "tokenizer")
-        scheduler = weights.read_json(folder / "scheduler" / "scheduler_config.json")
-        extra = weights.read_json(folder / "crepulse.json") if (folder / "crepulse.json").exists() else {}
-        layers = tuple(extra.get("text_encoder_out_layers", qwen3.LAYERS))
+        """Everything cheap is checked first (`open_folder`), then the components are read, the transformer
+        and Qwen3 quantized while loading when asked."""
+        f = open_folder(folder, index)
 
         def component(name, model, sanitize):
-            saved = configs[name].get("quantization")
+            saved = f.configs[name].get("quantization")
             bits = quantize if (name in QUANTIZED and not saved) else None
             return weights.load_into(model, folder / name, sanitize, bits, saved)
 
         def encoders():
-            keep = max(layers)
-            return component("text_encoder", qwen3.Qwen3Encoder(configs["text_encoder"], layers),
+            keep = max(f.layers)
+            return component("text_encoder", qwen3.Qwen3Encoder(f.configs["text_encoder"], f.layers),
                              lambda w: qwen3.sanitize(w, keep)), None
 
-        transformer = component("transformer", Flux2Transformer(configs["transformer"]), None)
-        vae = component("vae", AutoencoderKLFlux2(configs["vae"]), vae_sanitize)
+        transformer = component("transformer", Flux2Transformer(f.configs["transformer"]), None)
+        vae = component("vae", AutoencoderKLFlux2(f.configs["vae"]), vae_sanitize)
         text_encoder, _ = encoders()
-        distilled = bool(index.get("is_distilled", False))
-        name = variant(distilled, configs["transformer"])
-        pipe = cls(transformer, text_encoder, vae, tokenizer, scheduler, defaults_for(name, extra),
-                   source=str(source), quantize=_saved_bits(transformer.config) or quantize,
-                   reload_encoders=encoders if low_memory else None, distilled=distilled)
-        pipe.variant = name
-        return pipe
+        return cls(transformer, text_encoder, vae, f.tokenizer, f.scheduler, f.defaults, source=str(source),
+                   quantize=_saved_bits(transformer.config) or quantize,
+                   reload_encoders=encoders if low_memory else None, distilled=f.distilled, variant=f.variant)
 
     def save(self, folder):
         """Write a folder in the diffusers layout that loads again as it is (already quantized, if it is).
@@ -170,6 +157,28 @@ class KleinPipeline(Pipeline):
         vae = self.vae
         z = vae.encode(mx.array(images * 2 - 1).astype(_dtype_of(vae)))
         return vae.normalize(sampling.pack(z.astype(mx.float32)))
+
+
+def open_folder(folder: Path, index: dict) -> SimpleNamespace:
+    """What is cheap, read and checked before any weights: the components, every config, the weight files,
+    the tokenizer, the scheduler, crepulse.json (defaults; `text_encoder_out_layers`, the Qwen3 states stacked)."""
+    missing = [c for c in COMPONENTS if c not in index or not (folder / c).is_dir()]
+    if missing:
+        raise weights.WeightsError(f"{folder} is not a complete FLUX.2 [klein] pipeline: missing {', '.join(missing)}")
+    configs = {name: weights.read_json(folder / name / "config.json") for name in ("transformer", "text_encoder", "vae")}
+    for name in configs:
+        weights.weight_files(folder / name)
+    extra = weights.read_json(folder / "crepulse.json") if (folder / "crepulse.json").exists() else {}
+    layers = tuple(extra.get("text_encoder_out_layers", qwen3.LAYERS))
+    total = configs["text_encoder"].get("num_hidden_layers", 0)
+    if not layers or not all(isinstance(k, int) and 0 <= k <= total for k in layers):
+        raise weights.WeightsError(f"{folder / 'crepulse.json'}: text_encoder_out_layers {list(layers)} must be "
+                                   f"layer numbers 0 to {total} of the text encoder")
+    distilled = bool(index.get("is_distilled", False))
+    name = variant(distilled, configs["transformer"])
+    return SimpleNamespace(configs=configs, tokenizer=_tokenizer(folder / "tokenizer"), layers=layers,
+                           scheduler=weights.read_json(folder / "scheduler" / "scheduler_config.json"),
+                           distilled=distilled, variant=name, defaults=defaults_for(name, extra))
 
 
 def _tokenizer(folder: Path) -> ChatTokenizer:

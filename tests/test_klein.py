@@ -334,3 +334,16 @@ def test_chat_template_inside_tokenizer_config(distilled_dir, tmp_path):
     ours = ChatTokenizer(folder)
     assert ours.text(PROMPT) == want and "<think>\n\n</think>" in want
     assert ours.ids(PROMPT, 40)[0][0].tolist() == tok(want, padding="max_length", max_length=40)["input_ids"]
+
+
+def test_bad_hidden_state_layers_are_one_clear_error(distilled_dir, tmp_path):
+    """crepulse.json asking for Qwen3 layers the text encoder does not have: a WeightsError naming the
+    setting, before any weights are read."""
+    import json
+    import shutil
+    broken = tmp_path / "broken"
+    shutil.copytree(distilled_dir, broken)
+    extra = json.loads((broken / "crepulse.json").read_text())
+    (broken / "crepulse.json").write_text(json.dumps(dict(extra, text_encoder_out_layers=[1, 9])))
+    with pytest.raises(weights.WeightsError, match="text_encoder_out_layers"):
+        Pipeline.from_pretrained(str(broken))
