@@ -1,15 +1,16 @@
 """The FLUX.2 [klein] family: loading a `Flux2KleinPipeline` folder, and what its pipeline does differently.
 
-`Pipeline.from_pretrained` sends a folder whose `model_index.json` names `Flux2KleinPipeline` here. A
-`KleinPipeline` is a `Pipeline` (the same sampler, hook, diversity methods, callbacks) with FLUX.2's
+`ModelFolder.open` sends a folder whose `model_index.json` names `Flux2KleinPipeline` here (a
+`KleinFolder`: the same cheap checks before any weights), and `Pipeline.load` sends that to
+`KleinPipeline.load`. A `KleinPipeline` is a `Pipeline` (the same sampler, hook, diversity methods, callbacks) with FLUX.2's
 pieces: one Qwen3 text encoder and its chat template (no pooled vector, no second tokenizer), 4-axis
 positions, the empirical-mu schedule of diffusers' `compute_empirical_mu`, and the VAE's BatchNorm
 normalisation in place of FLUX.1's scale and shift. Distilled variants run without CFG; base variants
 run true CFG against the empty prompt, its two branches repelled as two groups.
 """
 
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Optional
 
 import mlx.core as mx
@@ -17,11 +18,15 @@ import numpy as np
 
 from . import sampling, weights
 from .chat_tokenizer import ChatTokenizer
+from .defaults import Defaults, _scale_range
+from .model_folder import ModelFolder
 from .models import autoencoder, qwen3
 from .models.autoencoder_flux2 import AutoencoderKLFlux2
 from .models.autoencoder_flux2 import sanitize as vae_sanitize
-from .models.flux2 import Flux2Transformer, image_ids, text_ids
-from .pipeline import VAE_TILE, Defaults, Pipeline, _dtype_of, _saved_bits
+from .models.config import ConfigError
+from .models.flux2 import Flux2Params, Flux2Transformer, image_ids, text_ids
+from .pipeline import VAE_TILE, Pipeline, _dtype_of
+from .recipe import Recipe, RecipeError
 
 CLASS_NAME = "Flux2KleinPipeline"
 COMPONENTS = ("transformer", "text_encoder", "vae", "tokenizer", "scheduler")
@@ -64,45 +69,104 @@ def schedule(steps: int, image_tokens: int, config: dict) -> list:
     return [float(s) for s in np.asarray(sigmas, np.float32)] + [0.0]
 
 
-class KleinPipeline(Pipeline):
-    def __init__(self, transformer, text_encoder, vae, tokenizer, scheduler_config: dict, defaults: Defaults,
-                 source: str = "", quantize=None, reload_encoders=None, distilled: bool = True,
-                 variant: str = "klein"):
-        super().__init__(transformer, text_encoder, None, vae, tokenizer, None, scheduler_config, defaults,
-                         source=source, quantize=quantize, reload_encoders=reload_encoders)
-        self.distilled, self.variant = distilled, variant
-        self.family = "flux2-klein"
+@dataclass
+class KleinFolder(ModelFolder):
+    """An opened [klein] folder: one tokenizer (Qwen3's, with its chat template) and no tokenizer_2."""
+    layers: tuple = qwen3.LAYERS  # the Qwen3 hidden states stacked (crepulse.json text_encoder_out_layers)
+    distilled: bool = True
+    variant: str = "klein"
+    family = "flux2-klein"
 
     @classmethod
-    def load(cls, folder: Path, index: dict, source: str, quantize: Optional[int] = None,
-             low_memory: bool = False) -> "KleinPipeline":
-        """Everything cheap is checked first (`open_folder`), then the components are read, the transformer
-        and Qwen3 quantized while loading when asked."""
-        f = open_folder(folder, index)
+    def open_at(cls, source: str, folder: Path, index: dict) -> "KleinFolder":
+        """What is cheap, read and checked before any weights: the components, every config, the weight
+        files, the tokenizer, the scheduler, crepulse.json."""
+        missing = [c for c in COMPONENTS if c not in index or not (folder / c).is_dir()]
+        if missing:
+            raise weights.WeightsError(f"{folder} is not a complete FLUX.2 [klein] pipeline: missing {', '.join(missing)}")
+        configs = {name: weights.read_json(folder / name / "config.json") for name in ("transformer", "text_encoder", "vae")}
+        for name, check in (("transformer", Flux2Params.from_config), ("text_encoder", qwen3.Qwen3Params.from_config),
+                            ("vae", AutoencoderKLFlux2.check_config)):
+            try:
+                check(configs[name])
+            except ConfigError as e:
+                raise weights.WeightsError(f"{folder / name / 'config.json'}: {e}; the folder is not a FLUX.2 "
+                                           "[klein] pipeline, or its config is damaged") from None
+        for name in configs:
+            weights.weight_files(folder / name)
+        extra = weights.read_json(folder / "crepulse.json") if (folder / "crepulse.json").exists() else {}
+        layers = tuple(extra.get("text_encoder_out_layers", qwen3.LAYERS))
+        total = configs["text_encoder"]["num_hidden_layers"]
+        if not layers or not all(isinstance(k, int) and 0 <= k <= total for k in layers):
+            raise weights.WeightsError(f"{folder / 'crepulse.json'}: text_encoder_out_layers {list(layers)} must be "
+                                       f"layer numbers 0 to {total} of the text encoder")
+        distilled = bool(index.get("is_distilled", False))
+        name = variant(distilled, configs["transformer"])
+        try:
+            defaults = defaults_for(name, extra)
+        except ValueError as e:
+            raise weights.WeightsError(f"{folder / 'crepulse.json'}: {str(e).replace('crepulse.json: ', '')}") from None
+        return cls(source, folder, configs, _tokenizer(folder / "tokenizer"), None,
+                   weights.read_json(folder / "scheduler" / "scheduler_config.json"), defaults,
+                   layers=layers, distilled=distilled, variant=name)
 
+    def check(self, recipe: Recipe):
+        m = self.size_multiple
+        for name in ("width", "height"):
+            v = getattr(recipe, name)
+            if v % m:
+                raise RecipeError(f"{name} {v} must be a multiple of {m} (try {max(m, round(v / m) * m)})")
+        p = Flux2Params.from_config(self.configs["transformer"])
+        try:
+            if recipe.method is not None:
+                recipe.method.check_model(p.num_layers, p.num_attention_heads * p.attention_head_dim)
+        except ValueError as e:
+            raise RecipeError(str(e)) from None
+
+    def token_overflow(self, recipe: Recipe) -> list:
+        """(what, tokens, limit) for the prompt and negative prompt whose templated Qwen3 tokens exceed the
+        recipe's sequence length (the pipeline cuts them, as diffusers does)."""
+        out = []
+        for what, text in (("prompt", recipe.prompt), ("negative prompt", recipe.negative_prompt)):
+            if text:
+                count = self.tokenizer.count(text)
+                if count > recipe.max_sequence_length:
+                    out.append((what, count, recipe.max_sequence_length))
+        return out
+
+
+class KleinPipeline(Pipeline):
+    def __init__(self, files: KleinFolder, transformer, text_encoder, vae, quantize=None, reload_encoders=None):
+        super().__init__(files, transformer, text_encoder, None, vae, quantize=quantize,
+                         reload_encoders=reload_encoders)
+        self.distilled, self.variant, self.family = files.distilled, files.variant, files.family
+
+    @classmethod
+    def load(cls, files: KleinFolder, quantize: Optional[int] = None, low_memory: bool = False) -> "KleinPipeline":
+        """Read the weights of an opened [klein] folder, the transformer and Qwen3 quantized while loading
+        when asked (to 4 or 8 bits)."""
         def component(name, model, sanitize):
-            saved = f.configs[name].get("quantization")
+            saved = files.configs[name].get("quantization")
             bits = quantize if (name in QUANTIZED and not saved) else None
-            return weights.load_into(model, folder / name, sanitize, bits, saved)
+            return weights.load_into(model, files.folder / name, sanitize, bits, saved)
 
         def encoders():
-            keep = max(f.layers)
-            return component("text_encoder", qwen3.Qwen3Encoder(f.configs["text_encoder"], f.layers),
+            keep = max(files.layers)
+            return component("text_encoder", qwen3.Qwen3Encoder(files.configs["text_encoder"], files.layers),
                              lambda w: qwen3.sanitize(w, keep)), None
 
-        transformer = component("transformer", Flux2Transformer(f.configs["transformer"]), None)
-        vae = component("vae", AutoencoderKLFlux2(f.configs["vae"]), vae_sanitize)
+        transformer = component("transformer", Flux2Transformer(files.configs["transformer"]), None)
+        vae = component("vae", AutoencoderKLFlux2(files.configs["vae"]), vae_sanitize)
         text_encoder, _ = encoders()
-        return cls(transformer, text_encoder, vae, f.tokenizer, f.scheduler, f.defaults, source=str(source),
-                   quantize=_saved_bits(transformer.config) or quantize,
-                   reload_encoders=encoders if low_memory else None, distilled=f.distilled, variant=f.variant)
+        return cls(files, transformer, text_encoder, vae, quantize=files.saved_bits or quantize,
+                   reload_encoders=encoders if low_memory else None)
 
     def save(self, folder):
         """Write a folder in the diffusers layout that loads again as it is (already quantized, if it is).
         Qwen3 is written as loaded: only the layers the pipeline reads (a folder for this package, which
         transformers would not load as a language model)."""
         folder = Path(folder)
-        src = weights.resolve(self.source)
+        src = self.files.folder
         q = {"bits": self.quantize, "group_size": weights.GROUP_SIZE} if self.quantize else None
         if self.text_encoder is None:
             self.text_encoder, _ = self._reload_encoders()
@@ -159,28 +223,6 @@ class KleinPipeline(Pipeline):
         return vae.normalize(sampling.pack(z.astype(mx.float32)))
 
 
-def open_folder(folder: Path, index: dict) -> SimpleNamespace:
-    """What is cheap, read and checked before any weights: the components, every config, the weight files,
-    the tokenizer, the scheduler, crepulse.json (defaults; `text_encoder_out_layers`, the Qwen3 states stacked)."""
-    missing = [c for c in COMPONENTS if c not in index or not (folder / c).is_dir()]
-    if missing:
-        raise weights.WeightsError(f"{folder} is not a complete FLUX.2 [klein] pipeline: missing {', '.join(missing)}")
-    configs = {name: weights.read_json(folder / name / "config.json") for name in ("transformer", "text_encoder", "vae")}
-    for name in configs:
-        weights.weight_files(folder / name)
-    extra = weights.read_json(folder / "crepulse.json") if (folder / "crepulse.json").exists() else {}
-    layers = tuple(extra.get("text_encoder_out_layers", qwen3.LAYERS))
-    total = configs["text_encoder"].get("num_hidden_layers", 0)
-    if not layers or not all(isinstance(k, int) and 0 <= k <= total for k in layers):
-        raise weights.WeightsError(f"{folder / 'crepulse.json'}: text_encoder_out_layers {list(layers)} must be "
-                                   f"layer numbers 0 to {total} of the text encoder")
-    distilled = bool(index.get("is_distilled", False))
-    name = variant(distilled, configs["transformer"])
-    return SimpleNamespace(configs=configs, tokenizer=_tokenizer(folder / "tokenizer"), layers=layers,
-                           scheduler=weights.read_json(folder / "scheduler" / "scheduler_config.json"),
-                           distilled=distilled, variant=name, defaults=defaults_for(name, extra))
-
-
 def _tokenizer(folder: Path) -> ChatTokenizer:
     try:
         return ChatTokenizer(folder)
@@ -214,8 +256,10 @@ def variant(distilled: bool, transformer_config: dict) -> str:
 
 
 def defaults_for(name: str, extra: dict) -> Defaults:
-    """The variant's defaults, then the folder's crepulse.json over them (as for FLUX.1)."""
-    known = {k: v for k, v in extra.items() if k in Defaults.__dataclass_fields__}
-    d = Defaults(**{**VARIANTS[name], **known})
-    d.repulsion_scale_range = tuple(d.repulsion_scale_range)
+    """The variant's defaults, then the folder's crepulse.json over them (as for FLUX.1; checked the same)."""
+    known = {k: v for k, v in extra.items() if k in {f.name for f in fields(Defaults)}}
+    if "repulsion_scale_range" in known:
+        known["repulsion_scale_range"] = _scale_range(known["repulsion_scale_range"])
+    d = replace(Defaults(**VARIANTS[name]), **known)
+    d.check()
     return d

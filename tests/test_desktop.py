@@ -221,8 +221,8 @@ def test_refine_explore_blend_upscale_and_rerun(qtbot, make_window, tmp_path):
     for batch_id, parent in ((subtle, a.id), (strong, h.batch(subtle).images[0].id)):
         bb = h.batch(batch_id)
         assert bb.kind.startswith("vary") and bb.parent_image == parent and len(bb.images) == 3
-        assert bb.recipe["repulsion"]["method"] == "Repulsion"  # repelled among themselves
-    assert h.batch(subtle).recipe["blend"] == dict(alphas=[0.0], steps=0)  # subtly: pushed as the favourite was
+        assert bb.recipe["method"]["name"] == "contextual"  # repelled among themselves
+    assert h.batch(subtle).recipe["blend"] == dict(alphas=[0.0], blended_steps=0)  # subtly: pushed as the favourite was
     assert h.batch(strong).recipe["blend"] is None
 
     def closeness(batch_id):  # mean correlation of the new noises with each other
@@ -233,7 +233,7 @@ def test_refine_explore_blend_upscale_and_rerun(qtbot, make_window, tmp_path):
     seen = sum(len(x.images) for x in h.batches() if x.prompt == "a red fox")
     explore = run(qtbot, w, w.explore)
     e = h.batch(explore)
-    assert e.kind == "explore" and e.recipe["repulsion"]["reference_size"] == seen
+    assert e.kind == "explore" and e.recipe["method"]["reference_size"] == seen
     assert h.inputs(explore)["reference"].shape[0] == seen
 
     blend = run(qtbot, w, lambda: w.blend(a, b, 1.3))  # extrapolation beyond B
@@ -241,7 +241,7 @@ def test_refine_explore_blend_upscale_and_rerun(qtbot, make_window, tmp_path):
     assert bl.recipe["blend"]["alphas"] == [1.3] and len(bl.images) == 3
     assert [im.label for im in bl.images][:2] == ["A", "B"]
     # A and B come out as the favourites themselves, though their batch was repelled (recorded and replayed)
-    assert h.batch(first).recipe["repulsion"] is not None
+    assert h.batch(first).recipe["method"] is not None
     for fav, row in ((a, bl.images[0]), (b, bl.images[1])):
         assert np.abs(pixels(fav.path) - pixels(row.path)).max() <= 1
     lat = h.inputs(blend)["latents"]

@@ -202,8 +202,8 @@ def test_repulsion_matches_diffusers_with_hooked_update(distilled_dir, base_dir,
     folder, cfg = (distilled_dir, 1.0) if variant == "distilled" else (base_dir, 3.0)
     pipe = loaded(folder)
     L = latents(3, seed=4)
-    r = Repulsion(scale=SCALE, iterations=5, steps=2, blocks=blocks)
-    got = pipe.generate(PROMPT, n=3, latents=L, output_type="np", repulsion=r, steps=4, true_cfg=cfg).images
+    r = Repulsion(scale=SCALE, iterations=5, repelled_steps=2, blocks=blocks)
+    got = pipe.generate(PROMPT, n=3, latents=L, output_type="np", method=r, steps=4, true_cfg=cfg).images
     plain = pipe.generate(PROMPT, n=3, latents=L, output_type="np", steps=4, true_cfg=cfg).images
     want = hooked_reference(folder, L, SCALE, 5, 2, blocks, cfg)
     assert np.abs(got - want).max() <= 2e-3
@@ -262,11 +262,11 @@ def test_blend_of_repelled_klein_images_reproduces_them(base_dir):
     come back exactly at weights 0 and 1 on their own noise, and weight 0.5 lies between."""
     from mlx_crepulse import Blend, Repulsion
     pipe = loaded(base_dir)
-    kw = dict(n=3, seed=3, true_cfg=3.0, repulsion=Repulsion(scale=SCALE, iterations=5, steps=2, blocks="all"))
+    kw = dict(n=3, seed=3, true_cfg=3.0, method=Repulsion(scale=SCALE, iterations=5, repelled_steps=2, blocks="all"))
     batch = pipe.generate(PROMPT, output_type="np", **kw)
     a, b = pipe.record(PROMPT, [0, 2], record_steps=2, **kw)
     out = pipe.generate(PROMPT, n=3, latents=batch.noise[[0, 2, 0]], output_type="np", true_cfg=3.0,
-                        blend=Blend([0.5], steps=2, sources=(a, b))).images
+                        blend=Blend([0.5], blended_steps=2, sources=(a, b))).images
     np.testing.assert_allclose(out[0], batch.images[0], atol=1e-5)
     np.testing.assert_allclose(out[1], batch.images[2], atol=1e-5)
     assert np.abs(out[2] - batch.images[0]).max() > 1e-3
@@ -285,10 +285,10 @@ def test_reference_set_and_baselines_run_on_klein(distilled_dir):
         return (a.astype(np.float32) @ b.astype(np.float32).T).max(1).mean()
     plain = pipe.generate(PROMPT, n=4, seed=20, output_type="np")
     away = pipe.generate(PROMPT, n=4, seed=20, output_type="np",
-                         repulsion=Repulsion(scale=0.0, iterations=10, reference=seen, reference_scale=30.0))
+                         method=Repulsion(scale=0.0, iterations=10, reference=seen, reference_scale=30.0))
     assert nearest(away.signatures) < nearest(plain.signatures)
     for method in (CADS(noise_scale=0.5), ParticleGuidance(0.5), Repulsion(scale=SCALE, iterations=5, tokens="image")):
-        images = pipe.generate(PROMPT, n=4, seed=20, output_type="np", repulsion=method).images
+        images = pipe.generate(PROMPT, n=4, seed=20, output_type="np", method=method).images
         assert np.isfinite(images).all() and np.abs(images - plain.images).max() > 1e-3, type(method).__name__
 
 
@@ -346,4 +346,21 @@ def test_bad_hidden_state_layers_are_one_clear_error(distilled_dir, tmp_path):
     extra = json.loads((broken / "crepulse.json").read_text())
     (broken / "crepulse.json").write_text(json.dumps(dict(extra, text_encoder_out_layers=[1, 9])))
     with pytest.raises(weights.WeightsError, match="text_encoder_out_layers"):
+        Pipeline.from_pretrained(str(broken))
+
+
+@pytest.mark.parametrize("component,key", [("transformer", "num_layers"), ("text_encoder", "hidden_size"),
+                                           ("vae", "block_out_channels")])
+def test_config_lacking_a_size_is_one_clear_error(distilled_dir, tmp_path, component, key):
+    """A component config without one of its sizes: a WeightsError naming the file and the key, when the
+    folder is opened (never a silent default size)."""
+    import json
+    import shutil
+    broken = tmp_path / "broken"
+    shutil.copytree(distilled_dir, broken)
+    path = broken / component / "config.json"
+    config = json.loads(path.read_text())
+    del config[key]
+    path.write_text(json.dumps(config))
+    with pytest.raises(weights.WeightsError, match=f"{component}.*{key}"):
         Pipeline.from_pretrained(str(broken))

@@ -8,11 +8,13 @@ and shift. `normalize` and `denormalize` act on packed tokens, whose channels ar
 """
 
 import math
+from dataclasses import replace
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from .autoencoder import AutoencoderKL, Decoder
+from .autoencoder import AutoencoderKL, Decoder, VAEParams
+from .config import ConfigError
 from .autoencoder import sanitize as _sanitize
 
 
@@ -29,15 +31,31 @@ class BatchNormStats(nn.Module):
         return mx.sqrt(self.running_var + self.eps)
 
 
+FLUX2_KEYS = ("decoder_block_out_channels", "batch_norm_eps", "batch_norm_momentum", "patch_size")
+
+
+def shared_config(config: dict) -> dict:
+    """The part of an AutoencoderKLFlux2 config that is FLUX.1's AutoencoderKL's (checked by its VAEParams);
+    FLUX.2 normalises by the BatchNorm, so its scale is 1."""
+    patch = tuple(config.get("patch_size", (2, 2)))
+    if patch != (2, 2):
+        raise ConfigError(f"unsupported AutoencoderKLFlux2 patch_size {patch}: the transformer's tokens are 2x2")
+    return {**{k: v for k, v in config.items() if k not in FLUX2_KEYS}, "scaling_factor": 1.0}
+
+
 class AutoencoderKLFlux2(AutoencoderKL):
+    @staticmethod
+    def check_config(config: dict):
+        """A ConfigError naming what this config lacks or has too much, before anything is built."""
+        VAEParams.from_config(shared_config(config))
+
     def __init__(self, config: dict):
-        patch = tuple(config.get("patch_size", (2, 2)))
-        if patch != (2, 2):
-            raise ValueError(f"unsupported AutoencoderKLFlux2 patch_size {patch}: the transformer's tokens are 2x2")
-        super().__init__(config)
+        super().__init__(shared_config(config))
+        self.config = dict(config)  # kept for saving, as diffusers wrote it
+        patch = (2, 2)
         if config.get("decoder_block_out_channels"):
-            self.decoder = Decoder({**config, "block_out_channels": config["decoder_block_out_channels"]})
-        channels = math.prod(patch) * config.get("latent_channels", 32)
+            self.decoder = Decoder(replace(self.params, block_out_channels=tuple(config["decoder_block_out_channels"])))
+        channels = math.prod(patch) * self.params.latent_channels
         self.bn = BatchNormStats(channels, float(config.get("batch_norm_eps", 1e-4)))
 
     def normalize(self, tokens: mx.array) -> mx.array:

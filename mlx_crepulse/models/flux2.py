@@ -11,13 +11,16 @@ The sampler sees the same interface as FLUX.1's `FluxTransformer`: `conditioning
 block ("double") and each single block ("single", the joint sequence split at the text length).
 """
 
+from dataclasses import dataclass
 from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .flux import FluxTransformer, Hook, apply_rope, attention, gated, rope, timestep_embedding
+from . import flux
+from .config import from_config
+from .flux import Hook, apply_rope, gated, rope, timestep_embedding
 
 
 def _linear(dim_in: int, dim_out: int) -> nn.Linear:
@@ -97,7 +100,7 @@ class Heads(nn.Module):
 
     def attend(self, q, k, v, pe):
         q, k = apply_rope(q, pe), apply_rope(k, pe)
-        o = attention(q, k, v, self.head_dim ** -0.5)
+        o = flux.attention(q, k, v, self.head_dim ** -0.5)  # the kernel slot (cpu.py fills it on the CPU)
         B, _, S, _ = o.shape
         return o.transpose(0, 2, 1, 3).reshape(B, S, -1)
 
@@ -189,35 +192,53 @@ class NormOut(nn.Module):
         return modulate(x, shift, scale, eps)
 
 
-class Flux2Transformer(FluxTransformer):
-    """Shares FluxTransformer's `__call__` (embedding, the CPU's two-stream path) and overrides the rest."""
+@dataclass(frozen=True)
+class Flux2Params:
+    """diffusers' Flux2Transformer2DModel config ([klein] 4B: 5 + 20 blocks, 24 heads of 128; 9B: 8 + 24,
+    32 heads). The sizes are required: a config lacking one is an error, never another model's size."""
+    num_attention_heads: int
+    attention_head_dim: int
+    num_layers: int
+    num_single_layers: int
+    in_channels: int
+    joint_attention_dim: int
+    mlp_ratio: float = 3.0
+    axes_dims_rope: tuple = (32, 32, 32, 32)
+    rope_theta: float = 2000.0
+    eps: float = 1e-6
+    guidance_embeds: bool = True
+    timestep_guidance_channels: int = 256
+    out_channels: Optional[int] = None
+    patch_size: int = 1
 
+    @classmethod
+    def from_config(cls, config: dict) -> "Flux2Params":
+        return from_config(cls, config)
+
+
+class Flux2Transformer(nn.Module):
     def __init__(self, config: dict):
-        nn.Module.__init__(self)  # not FluxTransformer's: its layers are FLUX.1's
+        super().__init__()
         self.config = dict(config)
-        heads, head_dim = config["num_attention_heads"], config["attention_head_dim"]
-        dim = heads * head_dim
-        hidden = int(dim * config.get("mlp_ratio", 3.0))
-        self.eps = float(config.get("eps", 1e-6))
-        self.axes_dim = list(config.get("axes_dims_rope", (32, 32, 32, 32)))
-        self.theta = float(config.get("rope_theta", 2000))
-        self.guidance_embeds = bool(config.get("guidance_embeds", True))
-        in_ch = config.get("in_channels", 128)
-        out_ch = config.get("out_channels") or in_ch
-        patch = config.get("patch_size", 1)
-        self.time_guidance_embed = TimeGuidanceEmbed(config.get("timestep_guidance_channels", 256), dim,
-                                                     self.guidance_embeds)
+        p = self.params = Flux2Params.from_config(config)
+        heads, head_dim = p.num_attention_heads, p.attention_head_dim
+        dim = self.inner_dim = heads * head_dim
+        hidden = int(dim * p.mlp_ratio)
+        self.eps, self.theta = float(p.eps), float(p.rope_theta)
+        self.axes_dim = list(p.axes_dims_rope)
+        self.guidance_embeds = bool(p.guidance_embeds)
+        self.time_guidance_embed = TimeGuidanceEmbed(p.timestep_guidance_channels, dim, self.guidance_embeds)
         self.double_stream_modulation_img = Modulation(dim, 2)
         self.double_stream_modulation_txt = Modulation(dim, 2)
         self.single_stream_modulation = Modulation(dim, 1)
-        self.x_embedder = _linear(in_ch, dim)
-        self.context_embedder = _linear(config.get("joint_attention_dim", 15360), dim)
+        self.x_embedder = _linear(p.in_channels, dim)
+        self.context_embedder = _linear(p.joint_attention_dim, dim)
         self.transformer_blocks = [DoubleStreamBlock(dim, heads, head_dim, hidden, self.eps)
-                                   for _ in range(config.get("num_layers", 8))]
+                                   for _ in range(p.num_layers)]
         self.single_transformer_blocks = [SingleStreamBlock(dim, heads, head_dim, hidden, self.eps)
-                                          for _ in range(config.get("num_single_layers", 48))]
+                                          for _ in range(p.num_single_layers)]
         self.norm_out = NormOut(dim)
-        self.proj_out = _linear(dim, patch * patch * out_ch)
+        self.proj_out = _linear(dim, p.patch_size * p.patch_size * (p.out_channels or p.in_channels))
 
     def pos_embed(self, txt_ids: mx.array, img_ids: mx.array) -> tuple:
         """RoPE for the joint sequence from 4-axis ids (`text_ids`, `image_ids` below)."""
@@ -234,9 +255,8 @@ class Flux2Transformer(FluxTransformer):
                  hook: Optional[Hook] = None) -> mx.array:
         """img: packed latents (B, S_img, 128); txt: stacked Qwen3 states (B or 1, S_txt, 3 x hidden);
         vec: `conditioning(...)`; pe: `pos_embed(...)`. Returns the velocity (B, S_img, 128)."""
-        return super().__call__(img, txt, vec, pe, hook)
-
-    def _blocks(self, img, txt, vec, pe, hook):
+        img = self.x_embedder(img)
+        txt = self.context_embedder(txt)  # one prompt for the batch: embedded once, broadcast in the blocks
         if txt.shape[0] != img.shape[0]:
             txt = mx.broadcast_to(txt, (img.shape[0],) + txt.shape[1:])
         mod_img = self.double_stream_modulation_img(vec)

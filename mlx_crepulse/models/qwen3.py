@@ -13,28 +13,55 @@ output of layer k - 1, and the last index (k = num_hidden_layers) has the final 
 the first max(k) layers are built and loaded (27 of Qwen3-4B's 36), and no LM head.
 """
 
+from dataclasses import MISSING, dataclass, fields
+from typing import Optional
+
 import mlx.core as mx
 import mlx.nn as nn
+
+from .config import ConfigError
 
 LAYERS = (9, 18, 27)  # diffusers' text_encoder_out_layers default for [klein]
 
 
-def _rope_theta(config: dict) -> float:
-    """rope_theta, top level (transformers 4) or under rope_parameters (5); only plain RoPE is supported."""
-    params = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    kind = params.get("rope_type", params.get("type", "default"))
-    if kind != "default":
-        raise ValueError(f"unsupported Qwen3 rope_type {kind!r}: only plain RoPE (Qwen3's) is implemented")
-    return float(config.get("rope_theta") or params.get("rope_theta") or 10000.0)
+@dataclass(frozen=True)
+class Qwen3Params:
+    """What the encoder needs of transformers' Qwen3Config; its other keys (token ids, generation and
+    training settings) are not the encoder's business and are skipped."""
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    vocab_size: int
+    head_dim: Optional[int] = None
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+
+    @classmethod
+    def from_config(cls, config: dict) -> "Qwen3Params":
+        missing = [f.name for f in fields(cls) if f.default is MISSING and f.name not in config]
+        if missing:
+            raise ConfigError(f"Qwen3 config lacks {', '.join(missing)}")
+        if config.get("attention_bias") or config.get("hidden_act", "silu") != "silu":
+            raise ConfigError("unsupported Qwen3 config: attention biases or an activation other than silu")
+        # rope_theta sits at the top (transformers 4) or under rope_parameters (5); only plain RoPE is Qwen3's
+        rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        if kind != "default":
+            raise ConfigError(f"unsupported Qwen3 rope_type {kind!r}: only plain RoPE is implemented")
+        theta = config.get("rope_theta") or rope.get("rope_theta") or 10000.0
+        known = {f.name for f in fields(cls)} - {"rope_theta"}
+        return cls(**{k: v for k, v in config.items() if k in known}, rope_theta=float(theta))
 
 
 class Attention(nn.Module):
-    def __init__(self, config: dict):
+    def __init__(self, p: Qwen3Params):
         super().__init__()
-        dim, self.heads, self.kv_heads = config["hidden_size"], config["num_attention_heads"], config["num_key_value_heads"]
-        self.head_dim = config.get("head_dim") or dim // self.heads
-        self.theta = _rope_theta(config)
-        eps = config.get("rms_norm_eps", 1e-6)
+        dim, self.heads, self.kv_heads = p.hidden_size, p.num_attention_heads, p.num_key_value_heads
+        self.head_dim = p.head_dim or dim // self.heads
+        self.theta = p.rope_theta
+        eps = p.rms_norm_eps
         self.q_proj = nn.Linear(dim, self.heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(dim, self.kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(dim, self.kv_heads * self.head_dim, bias=False)
@@ -69,11 +96,11 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: dict):
+    def __init__(self, p: Qwen3Params):
         super().__init__()
-        dim, eps = config["hidden_size"], config.get("rms_norm_eps", 1e-6)
-        self.self_attn = Attention(config)
-        self.mlp = MLP(dim, config["intermediate_size"])
+        dim, eps = p.hidden_size, p.rms_norm_eps
+        self.self_attn = Attention(p)
+        self.mlp = MLP(dim, p.intermediate_size)
         self.input_layernorm = nn.RMSNorm(dim, eps=eps)
         self.post_attention_layernorm = nn.RMSNorm(dim, eps=eps)
 
@@ -83,23 +110,24 @@ class DecoderLayer(nn.Module):
 
 
 class Qwen3Model(nn.Module):
-    def __init__(self, config: dict, layers: int):
+    def __init__(self, p: Qwen3Params, layers: int):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config["vocab_size"], config["hidden_size"])
-        self.layers = [DecoderLayer(config) for _ in range(layers)]
-        self.norm = nn.RMSNorm(config["hidden_size"], eps=config.get("rms_norm_eps", 1e-6))
+        self.embed_tokens = nn.Embedding(p.vocab_size, p.hidden_size)
+        self.layers = [DecoderLayer(p) for _ in range(layers)]
+        self.norm = nn.RMSNorm(p.hidden_size, eps=p.rms_norm_eps)
 
 
 class Qwen3Encoder(nn.Module):
     def __init__(self, config: dict, layers=LAYERS):
         super().__init__()
         self.config = dict(config)
-        total = config["num_hidden_layers"]
+        p = self.params = Qwen3Params.from_config(config)
+        total = p.num_hidden_layers
         self.out_layers = tuple(layers)
         if not self.out_layers or min(self.out_layers) < 0 or max(self.out_layers) > total:
             raise ValueError(f"hidden-state layers {self.out_layers} are outside this Qwen3's 0..{total}")
         self.final_norm = max(self.out_layers) == total  # hidden_states[total] is after the final norm
-        self.model = Qwen3Model(config, max(self.out_layers))
+        self.model = Qwen3Model(p, max(self.out_layers))
 
     def __call__(self, ids: mx.array, mask: mx.array) -> mx.array:
         """ids, mask: (B, L) token ids and 1/0 attention mask -> (B, L, len(layers) * hidden), the chosen
