@@ -364,3 +364,16 @@ def test_config_lacking_a_size_is_one_clear_error(distilled_dir, tmp_path, compo
     path.write_text(json.dumps(config))
     with pytest.raises(weights.WeightsError, match=f"{component}.*{key}"):
         Pipeline.from_pretrained(str(broken))
+
+
+def test_a_klein_recipe_reruns_exactly(base_dir):
+    """A [klein] image's recipe (as PNGs and the history store it) names its model; loading that model and
+    running the recipe again gives the same images, the variant's defaults (true CFG, repelled steps,
+    the scale from the diversity knob) included."""
+    import json
+    from mlx_crepulse import Recipe
+    first = loaded(base_dir).generate(PROMPT, n=2, seed=5, diversity=0.5, output_type="np")
+    stored = json.loads(json.dumps(first.recipe.to_dict()))
+    assert stored["model"] == str(base_dir) and stored["true_cfg"] == 4.0 and stored["method"]["repelled_steps"] == 7
+    again = Pipeline.from_pretrained(stored["model"]).generate(Recipe.from_dict(stored), output_type="np")
+    np.testing.assert_array_equal(again.images, first.images)
