@@ -1,7 +1,7 @@
 """mlx-crepulse: FLUX.1 in MLX with contextual repulsion, for varied batches of images on Apple Silicon."""
 
 from .defaults import Defaults, DefaultsError
-from .pipeline import Cancelled, Pipeline, Progress, Result
+from .pipeline import Cancelled, NotFinite, Pipeline, Progress, Result
 from .recipe import DEFAULT_DIVERSITY, RANDOM_SEED, Recipe, RecipeError, random_seed
 from .recipe import migrate as migrate_recipe
 from .repulsion import CADS, Blend, ParticleGuidance, Recording, Repulsion, signature, vendi_score
@@ -10,5 +10,5 @@ from .version import __version__
 from .weights import WeightsError
 
 __all__ = ["Pipeline", "Recipe", "Repulsion", "ParticleGuidance", "CADS", "Blend", "Recording", "Result",
-           "Progress", "Defaults", "Cancelled", "RecipeError", "DefaultsError", "WeightsError", "vendi_score",
+           "Progress", "Defaults", "Cancelled", "NotFinite", "RecipeError", "DefaultsError", "WeightsError", "vendi_score",
            "signature", "mix_noise", "random_seed", "migrate_recipe", "DEFAULT_DIVERSITY", "RANDOM_SEED", "__version__"]

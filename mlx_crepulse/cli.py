@@ -36,7 +36,7 @@ from . import metadata, weights
 from .cli_args import DEFAULT_OUTPUT, UsageError, generation_parser, recipe_from_args
 from .cli_output import _Bar, _Interrupt, _Paths, err
 from .model_folder import ModelFolder
-from .pipeline import Cancelled, Pipeline
+from .pipeline import Cancelled, NotFinite, Pipeline
 from .recipe import Recipe, RecipeError
 from .repulsion import CADS
 from .sheet import contact_sheet
@@ -81,7 +81,7 @@ def cmd_generate(argv) -> int:
     sys.stdout = sys.stderr  # stray prints from libraries must not mix with the paths on stdout
     try:
         return _generate(args, paths)
-    except RecipeError as e:
+    except (RecipeError, NotFinite) as e:
         raise UsageError(str(e)) from None
     finally:
         sys.stdout = paths.out
@@ -108,8 +108,9 @@ def _generate(args, stdout) -> int:
 
     _say(args, f"loading {recipe.model}" + (f" ({recipe.quantize}-bit)" if recipe.quantize else "") + " ...")
     started = time.perf_counter()
-    pipe = Pipeline.load(files, quantize=recipe.quantize, low_memory=args.low_memory)
-    written, images, interrupted = _run_batches(pipe, resolved, batches, wanted, output, stdout, args.quiet)
+    with _Interrupt() as stop:
+        pipe = Pipeline.load(files, quantize=recipe.quantize, low_memory=args.low_memory)
+        written, images, interrupted = _run_batches(pipe, resolved, batches, wanted, output, stdout, args.quiet, stop)
     if len(images) > 1 and not args.no_sheet:
         sheet = dict(resolved.to_dict(), index=None, image_seed=None)
         if len(batches) > 1:
@@ -124,32 +125,31 @@ def _generate(args, stdout) -> int:
     return 0
 
 
-def _run_batches(pipe, recipe, batches, wanted, output, stdout, quiet):
+def _run_batches(pipe, recipe, batches, wanted, output, stdout, quiet, stop):
     """Generate each batch of the resolved recipe and write its images; Ctrl-C keeps finished ones."""
-    stop, bar = _Interrupt(), _Bar(len(batches), quiet)
+    bar = _Bar(len(batches), quiet)
     written, images, interrupted = [], [], False
-    with stop:
-        for b, (offset, size) in enumerate(batches):
-            if stop.requested:
-                break
-            bar.batch = b
-            method = recipe.method
-            if isinstance(method, CADS) and offset:  # fresh condition noise for each batch, as image seeds
-                method = replace(method, seed=method.seed + offset)
-            batch = replace(recipe, n=size, seed=recipe.seed + offset, method=method)
-            try:
-                result = pipe.generate(batch, callback=lambda p: bar(p) and not stop.requested)
-            except Cancelled:
-                interrupted = True
-                break
-            finally:
-                bar.end()
-            for i, image in enumerate(result.images):
-                if wanted is None or i == wanted:
-                    path = _write(output, result, i, offset, recipe)
-                    stdout.emit(path)
-                    written.append(path)
-                    images.append(image)
+    for b, (offset, size) in enumerate(batches):
+        if stop.requested:
+            break
+        bar.batch = b
+        method = recipe.method
+        if isinstance(method, CADS) and offset:  # fresh condition noise for each batch, as image seeds
+            method = replace(method, seed=method.seed + offset)
+        batch = replace(recipe, n=size, seed=recipe.seed + offset, method=method)
+        try:
+            result = pipe.generate(batch, callback=lambda p: bar(p) and not stop.requested)
+        except Cancelled:
+            interrupted = True
+            break
+        finally:
+            bar.end()
+        for i, image in enumerate(result.images):
+            if wanted is None or i == wanted:
+                path = _write(output, result, i, offset, recipe)
+                stdout.emit(path)
+                written.append(path)
+                images.append(image)
     return written, images, interrupted or stop.requested
 
 

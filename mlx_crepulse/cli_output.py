@@ -3,6 +3,7 @@
 import os
 import signal
 import sys
+import threading
 
 
 def err(*parts, end="\n"):
@@ -35,27 +36,52 @@ class _Bar:
 
 
 class _Interrupt:
-    """Within the block, the first Ctrl-C asks to stop after the current step; a second one stops at once."""
+    """Within the block, the first Ctrl-C asks to stop after the current step; a second one stops at once
+    (the images already written are whole: each file appears complete or not at all).
+
+    Python runs signal handlers on the main thread between bytecodes, never while MLX evaluates a step
+    there, so a handler alone answers only when the step ends. Python's own low-level handler also writes
+    the signal to a wakeup file descriptor at once, whichever thread receives it: a thread of ours waits
+    on that pipe and answers immediately."""
 
     def __init__(self):
         self.requested = False
-        self._old = None
+        self._thread = None
 
     def __enter__(self):
-        def handler(signum, frame):
-            if self.requested:
-                raise KeyboardInterrupt
-            self.requested = True
-            err("\nstopping after this step (Ctrl-C again to stop at once)")
-        try:
-            self._old = signal.signal(signal.SIGINT, handler)
-        except ValueError:  # not the main thread: leave Ctrl-C as it is
-            self._old = None
+        if threading.current_thread() is not threading.main_thread():
+            return self  # signals belong to the main thread: leave Ctrl-C as it is
+        self._read, write = os.pipe()
+        os.set_blocking(write, False)
+        self._write = write
+        self._old_fd = signal.set_wakeup_fd(write)
+        self._old_handler = signal.signal(signal.SIGINT, lambda *_: None)  # the pipe's reader answers
+        self._thread = threading.Thread(target=self._wait, name="crepulse-ctrl-c", daemon=True)
+        self._thread.start()
         return self
 
+    def _wait(self):
+        while True:
+            try:
+                data = os.read(self._read, 64)
+            except OSError:
+                return
+            if not data:  # the block ended
+                return
+            for _ in (b for b in data if b == signal.SIGINT):
+                if self.requested:
+                    err("\ninterrupted")
+                    os._exit(130)  # a step may be running in MLX, which nothing in Python can stop
+                self.requested = True
+                err("\nstopping after this step (Ctrl-C again to stop at once)")
+
     def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+        if self._thread is not None:
+            signal.set_wakeup_fd(self._old_fd)
+            signal.signal(signal.SIGINT, self._old_handler)
+            os.close(self._write)
+            self._thread.join()
+            os.close(self._read)
         return False
 
 

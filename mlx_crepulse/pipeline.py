@@ -30,6 +30,10 @@ class Cancelled(Exception):
     """Raised by `generate` when its callback asked to stop; nothing half-done is returned."""
 
 
+class NotFinite(ValueError):
+    """A step produced NaN or infinite values; the message names the likely cause."""
+
+
 @dataclass
 class Progress:
     """What a callback sees after each step. `preview()` decodes the current prediction of the clean
@@ -277,6 +281,8 @@ class Pipeline:
     def _steps(self, run, callback, steps, started, record=None):
         """The sampler's steps with the callback's progress and cancelling."""
         for i, x, x0, sig in self.sample(run, record):
+            if not mx.all(mx.isfinite(x)).item():
+                raise NotFinite(f"step {i + 1} of {run.steps} produced NaN or infinite values: {self._cause(run)}")
             if record:
                 mx.eval([a for rec, _ in record for a in rec.arrays()])
             if callback is not None:
@@ -284,6 +290,13 @@ class Pipeline:
                 if callback(p) is False:
                     raise Cancelled()
             yield i, x, x0, sig
+
+    def _cause(self, run: Run) -> str:
+        method, (lo, hi) = run.recipe.method, self.defaults.repulsion_scale_range
+        if isinstance(method, Repulsion) and method.scale > 100 * hi:
+            return (f"the repulsion scale {method.scale:g} is far above this model's range ({lo:g} to {hi:g}); "
+                    "use --diversity, or a scale in that range")
+        return "the model's weights may be damaged (download or convert it again)"
 
     def _begin(self, recipe: Recipe, latents=None, image=None) -> Run:
         """Everything a resolved recipe needs before its first step: inputs checked, initial noise,
@@ -300,6 +313,8 @@ class Pipeline:
             noise = sampling.noise([recipe.seed + i for i in range(n)], rows * cols, channels)
         else:
             noise = mx.array(np.asarray(latents, np.float32))
+            if not np.isfinite(np.asarray(latents, np.float32)).all():
+                raise RecipeError("latents hold NaN or infinite values")
             if noise.shape != (n, rows * cols, channels):
                 raise RecipeError(f"latents must have shape {(n, rows * cols, channels)} for n={n} at "
                                   f"{recipe.width}x{recipe.height}, not {tuple(noise.shape)}")
@@ -312,6 +327,8 @@ class Pipeline:
             want = (n, recipe.height, recipe.width, 3)
             if image.shape != want:
                 raise RecipeError(f"the start image must be {want} (n, height, width, RGB), not {image.shape}")
+            if not np.isfinite(image).all():
+                raise RecipeError("the start image holds NaN or infinite values")
             sigmas = sigmas[sampling.image_to_image_start(recipe.steps, recipe.strength):]
             x = sigmas[0] * noise + (1 - sigmas[0]) * self.encode_image(image)
         txt, pooled = self.encode(recipe.prompt, recipe.max_sequence_length)

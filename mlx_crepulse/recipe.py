@@ -78,8 +78,9 @@ class Recipe:
             self, seed=seed, steps=d.steps if self.steps is None else self.steps,
             guidance=d.guidance if self.guidance is None else self.guidance, true_cfg=true_cfg,
             negative_prompt=negative if true_cfg > 1 else None,
-            width=self.width or d.width, height=self.height or d.height,
-            max_sequence_length=self.max_sequence_length or d.max_sequence_length,
+            width=d.width if self.width is None else self.width,
+            height=d.height if self.height is None else self.height,
+            max_sequence_length=d.max_sequence_length if self.max_sequence_length is None else self.max_sequence_length,
             model=model if model is not None else self.model,
             quantize=quantize if model is not None else self.quantize)
         return replace(resolved, method=resolved._method(d), blend=self.blend)
@@ -230,10 +231,9 @@ def _checked(r: Recipe) -> dict:
         out[name] = _number(name, getattr(r, name))
     for name, (lo, hi) in LIMITS.items():
         v = out[name]
-        if v is not None and not (name in ("width", "height") and v == 0) and not lo <= v <= hi:
-            raise RecipeError(f"{name} must be {lo} to {hi}, not {v}")
-    if out["width"] == 0 or out["height"] == 0:  # 0 in a form means "the model's size", as None
-        out["width"], out["height"] = out["width"] or None, out["height"] or None
+        if v is not None and not lo <= v <= hi:
+            raise RecipeError(f"{name} must be {lo} to {hi}, not {v}" + (" (None: the model's size)" if
+                                                                          name in ("width", "height") else ""))
     if out["n"] is None:
         raise RecipeError("n (the number of images) must be 1 or more")
     seed = out["seed"]

@@ -79,7 +79,10 @@ def entropy(x: mx.array, eps: float = 1e-6) -> mx.array:
 def vendi_score(features, eps: float = 0.0) -> float:
     """The Vendi score of a set of feature vectors (n, d): exp of the entropy of the eigenvalues of
     the normalised cosine-similarity kernel, as in the vendi-score package."""
-    x = np.asarray(features, np.float64).reshape(len(features), -1)
+    x = np.asarray(features, np.float64)
+    if x.ndim == 0 or len(x) == 0 or x[0].size == 0 or not np.isfinite(x).all():
+        raise ValueError(f"vendi_score needs one or more finite feature vectors (n, d), not an array of shape {x.shape}")
+    x = x.reshape(len(x), -1)
     x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
     lam = np.linalg.eigvalsh(x @ x.T / len(x))
     lam = lam[lam > max(eps, 1e-12)]

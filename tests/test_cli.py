@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import mlx.core as mx
@@ -428,6 +429,29 @@ def test_ctrl_c_stops_between_steps_and_keeps_finished_batches(jobs):
     assert files_under(job.cwd) == {Path("pics")} | {Path(p) for p in paths}
     for p in paths:
         pixels(job.cwd / p)  # whole files
+
+
+def test_ctrl_c_is_answered_at_once_during_a_long_step(tmp_path, hf_home):
+    """A Ctrl-C that arrives while MLX evaluates a step (a batch of 8 at 128 px: seconds a step here) is
+    answered within a second, not when the step ends: the message at once, then the stop at the step's
+    end (exit 130, nothing written). Python's own handler could run only after the step."""
+    args = [sys.executable, "-m", "mlx_crepulse", PROMPT, "--model", "demo", "-n", "8", "--width", "128",
+            "--height", "128", "--steps", "2", "--no-sheet", "-o", "out", "--seed", "1"]
+    proc = subprocess.Popen(args, cwd=tmp_path, env=cli_env(hf_home), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    os.set_blocking(proc.stderr.fileno(), False)
+    err, signalled, answered = b"", None, None
+    while proc.poll() is None:
+        err += proc.stderr.read() or b""
+        if signalled is None and b"step 1/2" in err:  # the second step has just started
+            proc.send_signal(signal.SIGINT)
+            signalled = time.monotonic()
+        if signalled and answered is None and b"stopping after this step" in err:
+            answered = time.monotonic()
+        time.sleep(0.01)
+    ended = time.monotonic()
+    assert proc.returncode == 130 and signalled and answered, err.decode()
+    assert answered - signalled < 1.0 and ended - answered > answered - signalled
+    assert files_under(tmp_path) == set()
 
 
 # --- in-process pieces ---------------------------------------------------------------------------------------

@@ -308,15 +308,15 @@ def test_failure_while_saving_keeps_history(qtbot, make_window, tmp_path, monkey
 KILLED = textwrap.dedent("""
     import sys, numpy as np
     from PIL import Image
-    from mlx_crepulse import Result
+    from mlx_crepulse import Recipe, Result
     from desktop.history import History
     h = History(sys.argv[1])
     rng = np.random.default_rng(0)
     k = 0
     while True:
         imgs = [Image.fromarray(rng.integers(0, 255, (256, 256, 3), dtype=np.uint8)) for _ in range(4)]
-        settings = dict(prompt="p", n=4, seed=k, steps=4, width=256, height=256, model="demo")
-        r = Result(imgs, [k + i for i in range(4)], None, np.ones((4, 32), np.float16), settings, 0.1)
+        recipe = Recipe("p", n=4, seed=k, steps=4, width=256, height=256, model="demo")
+        r = Result(imgs, [k + i for i in range(4)], None, np.ones((4, 32), np.float16), recipe, 0.1)
         h.add_batch(r, inputs={"latents": rng.standard_normal((4, 8, 4)).astype(np.float32)})
         k += 4
         print(k // 4, flush=True)
@@ -362,7 +362,7 @@ def test_memory_check_and_model_messages(qtbot, make_window, tmp_path):
     assert models.physical_ram_gb() > 0
     assert controls.diversity_of(0) is None and controls.diversity_of(1) == 0 and controls.diversity_of(9) == 1
     # the app's default tick is the CLI's default diversity, so the two make the same batch from one seed
-    assert controls.diversity_of(5) == cli.DEFAULT_DIVERSITY == 0.5 and controls.tick_of(0.5) == 5
+    assert controls.diversity_of(5) == mlx_crepulse.DEFAULT_DIVERSITY == 0.5 and controls.tick_of(0.5) == 5
     w = make_window()
     w.form.set_source(str(tmp_path / "nowhere"))
     w.update_model_state()

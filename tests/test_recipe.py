@@ -117,6 +117,7 @@ BAD = [
     (dict(true_cfg=float("inf")), "true_cfg must be a finite number"),
     (dict(true_cfg=0.5), "true_cfg must be 1 (off) or more"),
     (dict(max_sequence_length=-5), "max_sequence_length must be 1 to 4096"),
+    (dict(width=0), "width must be 16 to 16384, not 0 (None: the model's size)"),
     (dict(max_sequence_length=100_000), "max_sequence_length must be 1 to 4096"),
     (dict(diversity=1.5), "diversity must be between 0 and 1"),
     (dict(strength=0), "strength must be in (0, 1]"),
