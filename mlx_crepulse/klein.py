@@ -1,12 +1,14 @@
 """The FLUX.2 [klein] family: loading a `Flux2KleinPipeline` folder, and what its pipeline does differently.
 
 `ModelFolder.open` sends a folder whose `model_index.json` names `Flux2KleinPipeline` here (a
-`KleinFolder`: the same cheap checks before any weights), and `Pipeline.load` sends that to
-`KleinPipeline.load`. A `KleinPipeline` is a `Pipeline` (the same sampler, hook, diversity methods, callbacks) with FLUX.2's
-pieces: one Qwen3 text encoder and its chat template (no pooled vector, no second tokenizer), 4-axis
-positions, the empirical-mu schedule of diffusers' `compute_empirical_mu`, and the VAE's BatchNorm
-normalisation in place of FLUX.1's scale and shift. Distilled variants run without CFG; base variants
-run true CFG against the empty prompt, its two branches repelled as two groups.
+`KleinFolder`: the same cheap checks before any weights), and `Pipeline.load` sends that on to
+`KleinPipeline.load`. A `KleinPipeline` is a `Pipeline` (the same sampler, hook, diversity methods,
+recipes, callbacks) with FLUX.2's pieces: one Qwen3 text encoder and its chat template (no pooled vector,
+no second tokenizer), 4-axis positions, the empirical-mu schedule of diffusers' `compute_empirical_mu`,
+and the VAE's BatchNorm normalisation in place of FLUX.1's scale and shift. Distilled variants run
+without CFG; base variants run true CFG against the empty prompt, its two branches repelled as two
+groups. Image to image (`generate(image=...)`) is FLUX.1's (the start image noised), not [klein]'s
+reference-image editing, which is not ported.
 """
 
 from dataclasses import dataclass, fields, replace
@@ -28,13 +30,9 @@ from .models.flux2 import Flux2Params, Flux2Transformer, image_ids, text_ids
 from .pipeline import VAE_TILE, Pipeline, _dtype_of
 from .recipe import Recipe, RecipeError
 
-CLASS_NAME = "Flux2KleinPipeline"
+CLASS_NAME = "Flux2KleinPipeline"  # model_index.json's _class_name (model_folder.py reads it)
 COMPONENTS = ("transformer", "text_encoder", "vae", "tokenizer", "scheduler")
 QUANTIZED = ("transformer", "text_encoder")
-
-
-def is_klein(index: dict) -> bool:
-    return index.get("_class_name") == CLASS_NAME
 
 
 def empirical_mu(image_tokens: int, steps: int) -> float:

@@ -119,6 +119,7 @@ class Pipeline:
         if files.family != "flux1":  # FLUX.2 [klein] (klein.py): its own components
             from .klein import KleinPipeline
             return KleinPipeline.load(files, quantize, low_memory)
+
         def component(name, model_cls, sanitize):
             config = files.configs[name]
             saved = config.get("quantization")
