@@ -81,8 +81,10 @@ class KleinFolder(ModelFolder):
         files, the tokenizer, the scheduler, crepulse.json."""
         missing = [c for c in COMPONENTS if c not in index or not (folder / c).is_dir()]
         if missing:
-            raise weights.WeightsError(f"{folder} is not a complete FLUX.2 [klein] pipeline: missing {', '.join(missing)}")
-        configs = {name: weights.read_json(folder / name / "config.json") for name in ("transformer", "text_encoder", "vae")}
+            raise weights.WeightsError(f"{folder} is not a complete FLUX.2 [klein] pipeline: missing "
+                                       f"{', '.join(missing)}")
+        configs = {name: weights.read_json(folder / name / "config.json")
+                   for name in ("transformer", "text_encoder", "vae")}
         for name, check in (("transformer", Flux2Params.from_config), ("text_encoder", qwen3.Qwen3Params.from_config),
                             ("vae", AutoencoderKLFlux2.check_config)):
             try:

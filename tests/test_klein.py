@@ -53,8 +53,8 @@ def to_torch(L):
 
 
 def diffusers_images(folder, L, steps=4, guidance_scale=1.0, **kw):
-    return reference(folder)(prompt=PROMPT, latents=to_torch(L), num_inference_steps=steps, guidance_scale=guidance_scale,
-                             height=tiny_klein.SIZE, width=tiny_klein.SIZE, max_sequence_length=tiny_klein.SEQ,
+    return reference(folder)(prompt=PROMPT, latents=to_torch(L), num_inference_steps=steps,
+                             guidance_scale=guidance_scale, height=tiny_klein.SIZE, width=tiny_klein.SIZE, max_sequence_length=tiny_klein.SEQ,
                              text_encoder_out_layers=tiny_klein.LAYERS, output_type="np",
                              num_images_per_prompt=L.shape[0], **kw).images
 
