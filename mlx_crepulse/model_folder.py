@@ -32,11 +32,15 @@ class ModelFolder:
     tokenizer_2: Tokenizer  # T5's
     scheduler: dict
     defaults: Defaults
+    family = "flux1"  # the model family; klein.KleinFolder's is "flux2-klein"
 
     @classmethod
     def open(cls, source: str = "demo", progress: bool = False) -> "ModelFolder":
         folder = weights.resolve(source, progress=progress)
         index = weights.read_json(folder / "model_index.json")
+        if index.get("_class_name") == "Flux2KleinPipeline":  # FLUX.2 [klein]: its own components
+            from .klein import KleinFolder
+            return KleinFolder.open_at(str(source), folder, index)
         missing = [c for c in weights.COMPONENTS if c not in index or not (folder / c).is_dir()]
         if missing:
             raise weights.WeightsError(f"{folder} is not a complete FLUX pipeline: missing {', '.join(missing)}")

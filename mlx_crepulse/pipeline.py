@@ -116,6 +116,10 @@ class Pipeline:
     @classmethod
     def load(cls, files: ModelFolder, quantize: Optional[int] = None, low_memory: bool = False) -> "Pipeline":
         """Read the weights of an opened model folder (see `from_pretrained`)."""
+        if files.family != "flux1":  # FLUX.2 [klein] (klein.py): its own components
+            from .klein import KleinPipeline
+            return KleinPipeline.load(files, quantize, low_memory)
+
         def component(name, model_cls, sanitize):
             config = files.configs[name]
             saved = config.get("quantization")
@@ -317,7 +321,7 @@ class Pipeline:
             if noise.shape != (n, rows * cols, channels):
                 raise RecipeError(f"latents must have shape {(n, rows * cols, channels)} for n={n} at "
                                   f"{recipe.width}x{recipe.height}, not {tuple(noise.shape)}")
-        sigmas = sampling.schedule(recipe.steps, rows * cols, self.scheduler_config)
+        sigmas = self.schedule(recipe.steps, rows * cols)
         x = noise
         if (image is None) != (recipe.strength is None):
             raise RecipeError("image to image needs both an image and a strength (in (0, 1]), or neither")
@@ -342,7 +346,7 @@ class Pipeline:
         n, method, blend = r.n, r.method, r.blend
         tf = self.transformer
         groups = 2 if neg is not None else 1
-        pe = tf.pos_embed(mx.zeros((txt.shape[1], 3)), sampling.image_ids(run.rows, run.cols))
+        pe = self.positions(txt.shape[1], run.rows, run.cols)
         g = None if r.guidance is None or not tf.guidance_embeds else mx.array([r.guidance], mx.float32)
         signatures = []
         sig_block = len(tf.transformer_blocks) // 2
@@ -373,6 +377,14 @@ class Pipeline:
             x = x + (sigmas[i + 1] - sigma) * v
             mx.eval(x)
             yield i, x, x0, signatures[0] if signatures else None
+
+    def schedule(self, steps: int, image_tokens: int) -> list:
+        """The sigmas of a call (steps + 1 values); a model family may schedule otherwise."""
+        return sampling.schedule(steps, image_tokens, self.scheduler_config)
+
+    def positions(self, text_tokens: int, rows: int, cols: int) -> tuple:
+        """RoPE of the joint sequence (text first); FLUX.1's text positions are all zero."""
+        return self.transformer.pos_embed(mx.zeros((text_tokens, 3)), sampling.image_ids(rows, cols))
 
     def _with_negative(self, c_txt, vec, neg, n, t, g):
         """The conditional and unconditional branches' text and conditioning vectors as one batch of 2n."""

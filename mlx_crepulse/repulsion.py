@@ -364,9 +364,11 @@ class CADS(Method):
             return txt, pooled
         k1, k2 = mx.random.split(mx.random.key(self.seed))
         txt = mx.broadcast_to(txt, (n,) + txt.shape[1:])
+        txt = self._anneal(txt, g, mx.random.normal(txt.shape, key=k1))
+        if pooled is None:  # FLUX.2 has no pooled text vector
+            return txt, None
         pooled = mx.broadcast_to(pooled, (n,) + pooled.shape[1:])
-        return (self._anneal(txt, g, mx.random.normal(txt.shape, key=k1)),
-                self._anneal(pooled, g, mx.random.normal(pooled.shape, key=k2)))
+        return txt, self._anneal(pooled, g, mx.random.normal(pooled.shape, key=k2))
 
     def _anneal(self, y, g, noise):
         y32 = y.astype(mx.float32)
