@@ -28,7 +28,7 @@ from .models.autoencoder_flux2 import sanitize as vae_sanitize
 from .models.config import ConfigError
 from .models.flux2 import Flux2Params, Flux2Transformer, image_ids, text_ids
 from .pipeline import VAE_TILE, Pipeline, _dtype_of
-from .recipe import Recipe, RecipeError
+from .recipe import Recipe
 
 CLASS_NAME = "Flux2KleinPipeline"  # model_index.json's _class_name (model_folder.py reads it)
 COMPONENTS = ("transformer", "text_encoder", "vae", "tokenizer", "scheduler")
@@ -110,18 +110,9 @@ class KleinFolder(ModelFolder):
                    weights.read_json(folder / "scheduler" / "scheduler_config.json"), defaults,
                    layers=layers, distilled=distilled, variant=name)
 
-    def check(self, recipe: Recipe):
-        m = self.size_multiple
-        for name in ("width", "height"):
-            v = getattr(recipe, name)
-            if v % m:
-                raise RecipeError(f"{name} {v} must be a multiple of {m} (try {max(m, round(v / m) * m)})")
-        p = Flux2Params.from_config(self.configs["transformer"])
-        try:
-            if recipe.method is not None:
-                recipe.method.check_model(p.num_layers, p.num_attention_heads * p.attention_head_dim)
-        except ValueError as e:
-            raise RecipeError(str(e)) from None
+    @property
+    def transformer_params(self):
+        return Flux2Params.from_config(self.configs["transformer"])
 
     def token_overflow(self, recipe: Recipe) -> list:
         """(what, tokens, limit) for the prompt and negative prompt whose templated Qwen3 tokens exceed the

@@ -83,7 +83,7 @@ class ModelFolder:
             v = getattr(recipe, name)
             if v % m:
                 raise RecipeError(f"{name} {v} must be a multiple of {m} (try {max(m, round(v / m) * m)})")
-        p = FluxParams.from_config(self.configs["transformer"])
+        p = self.transformer_params
         try:
             if recipe.method is not None:
                 recipe.method.check_model(p.num_layers, p.num_attention_heads * p.attention_head_dim)
@@ -92,6 +92,10 @@ class ModelFolder:
         if not force:
             footprint.check(self.configs, recipe, footprint.weights_on_disk(self.folder, recipe.quantize),
                             scores_materialised=mx.default_device() == mx.cpu)
+
+    @property
+    def transformer_params(self):
+        return FluxParams.from_config(self.configs["transformer"])
 
     def token_overflow(self, recipe: Recipe) -> list:
         """(what, tokens, limit) for the prompt and negative prompt that are longer than the recipe's
