@@ -359,11 +359,15 @@ def test_memory_check_and_model_messages(qtbot, make_window, tmp_path):
     assert models.memory_problem("schnell", 4, ram_gb=16) is None
     assert models.memory_problem("dev", 8, ram_gb=24) is None
     assert models.memory_problem("demo", None, ram_gb=4) is None
+    # FLUX.2 [klein] 4B fits a 16 GB Mac at 8 and 4 bits; in bf16 it does not, and 4-bit is offered
+    assert models.memory_problem("klein", 8, ram_gb=16) is None and models.memory_problem("klein", 4, ram_gb=16) is None
+    assert "4-bit" in models.memory_problem("klein", None, ram_gb=16)
     assert models.physical_ram_gb() > 0
     assert controls.diversity_of(0) is None and controls.diversity_of(1) == 0 and controls.diversity_of(9) == 1
     # the app's default tick is the CLI's default diversity, so the two make the same batch from one seed
     assert controls.diversity_of(5) == mlx_crepulse.DEFAULT_DIVERSITY == 0.5 and controls.tick_of(0.5) == 5
     w = make_window()
+    assert {"klein", "klein-base", "klein-9b"} <= {w.form.model.itemData(i) for i in range(w.form.model.count())}
     w.form.set_source(str(tmp_path / "nowhere"))
     w.update_model_state()
     assert "unknown model" in w.form.model_note.text() or "not" in w.form.model_note.text()

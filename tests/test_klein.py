@@ -377,3 +377,25 @@ def test_a_klein_recipe_reruns_exactly(base_dir):
     assert stored["model"] == str(base_dir) and stored["true_cfg"] == 4.0 and stored["method"]["repelled_steps"] == 7
     again = Pipeline.from_pretrained(stored["model"]).generate(Recipe.from_dict(stored), output_type="np")
     np.testing.assert_array_equal(again.images, first.images)
+
+
+def test_cli_makes_and_remakes_a_klein_batch(distilled_dir, tmp_path):
+    """The command line on a [klein] folder: a varied batch written with recipes that name the folder,
+    and `--from` on one of its images writes the same pixels again (the recipe names the model, so the
+    family comes back with it)."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    def cli(*args):
+        proc = subprocess.run([sys.executable, "-m", "mlx_crepulse", *args, "--quiet"], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout.split()
+
+    made = cli("a red circle", "--model", str(distilled_dir), "-n", "2", "--steps", "2", "--seed", "3", "--no-sheet")
+    again = cli("--from", made[1], "-o", "again")
+    assert len(made) == 2 and len(again) == 1
+    pixels = [np.asarray(Image.open(tmp_path / p)) for p in (made[1], again[0])]
+    assert np.array_equal(*pixels)
