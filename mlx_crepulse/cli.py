@@ -116,8 +116,12 @@ def _generate(args, stdout) -> int:
         if len(batches) > 1:
             sheet["batch_size"] = batches[0][1]
         slug = metadata.slug(resolved.prompt)
-        stdout.emit(metadata.write_png(output / f"{slug}-{resolved.seed}-sheet.png", contact_sheet(images), sheet,
-                                       overwrite=False))
+        try:
+            stdout.emit(metadata.write_png(output / f"{slug}-{resolved.seed}-sheet.png", contact_sheet(images), sheet,
+                                           overwrite=False))
+        except OSError as e:
+            raise UsageError(f"cannot write the contact sheet to {output}: {e.strerror or e}; kept the "
+                             f"{len(written)} image(s)") from None
     if interrupted:
         err(f"interrupted: kept {len(written)} finished image(s)" if written else "interrupted: no image finished")
         return 130
@@ -146,7 +150,11 @@ def _run_batches(pipe, recipe, batches, wanted, output, stdout, quiet, stop):
             bar.end()
         for i, image in enumerate(result.images):
             if wanted is None or i == wanted:
-                path = _write(output, result, i, offset, recipe)
+                try:
+                    path = _write(output, result, i, offset, recipe)
+                except OSError as e:  # a full disk, a folder gone: what was written stays, whole
+                    raise UsageError(f"cannot write to {output}: {e.strerror or e}; kept the {len(written)} "
+                                     "image(s) written before") from None
                 stdout.emit(path)
                 written.append(path)
                 images.append(image)

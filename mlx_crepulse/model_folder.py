@@ -110,12 +110,17 @@ class ModelFolder:
 
 
 def _tokenizer(folder: Path) -> Tokenizer:
+    files = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    if not files:
+        raise weights.WeightsError(f"the tokenizer folder {folder} is missing or empty; download or convert the "
+                                   "model again")
     try:
         return Tokenizer(folder)
-    except Exception as e:  # transformers raises OSError, ValueError, TypeError... for missing files
+    except Exception as e:  # tokenizers and transformers raise OSError, ValueError, TypeError, Exception...
         cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise weights.WeightsError(f"cannot load the tokenizer in {folder}: its files are missing or unreadable; "
-                                   f"download or convert the model again (transformers says: {cause})") from e
+        what = "its tokenizer.json is damaged" if "tokenizer.json" in files else "its files are incomplete"
+        raise weights.WeightsError(f"cannot load the tokenizer in {folder}: {what} ({cause}); download or "
+                                   "convert the model again") from e
 
 
 def _defaults(folder: Path, configs: dict) -> Defaults:

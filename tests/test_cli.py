@@ -518,3 +518,28 @@ def test_diversity_knob_and_batches():
     assert cli._batches(5, 2, False) == [(0, 2), (2, 2), (4, 1)]
     assert cli._batches(3, None, True) == [(0, 3)]
     assert metadata.slug("  A Red Fox, in the Snow!  ") == "a-red-fox-in-the-snow"
+
+
+def test_disk_full_keeps_what_was_written(tmp_path, monkeypatch, capsys):
+    """The disk filling up after two images (the file system's ENOSPC, raised by the PNG writer):
+    exit 2 with one line naming the folder and what was kept; the two images are whole, nothing else
+    (no partial file, no sheet) is left."""
+    import errno
+
+    written = []
+    real = metadata.write_png
+
+    def filling(path, *a, **k):
+        if len(written) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written.append(real(path, *a, **k))
+        return written[-1]
+    monkeypatch.setattr(metadata, "write_png", filling)
+    out = tmp_path / "pics"
+    code = cli.main([PROMPT, "--model", "demo", "-n", "4", "--steps", "1", "-o", str(out), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert f"cannot write to {out}: No space left on device; kept the 2 image(s)" in err
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in written)
+    for p in written:
+        pixels(p)
