@@ -419,6 +419,7 @@ class MainWindow(QMainWindow):
             self.form.steps.setSpecialValueText(f"default ({defaults['steps']})")
             for s, key in ((self.form.width_, "width"), (self.form.height_, "height")):
                 s.setSpecialValueText(f"default ({defaults[key]})")
+            self.form.set_model_size(defaults["width"], defaults["height"])
 
     def _progress(self, step, steps, elapsed, eta):
         if not self._mine():

@@ -493,3 +493,21 @@ def test_use_settings_leaves_the_seed_random(qtbot, make_window):
     w.use_settings(w.batch)
     assert w.form.prompt_text() == "a blue square" and w.form.n.value() == 2
     assert w.form.seed.value() == -1 and w.form.width_.value() == 0 and w.form.height_.value() == 0
+
+
+def test_form_has_what_a_flux_user_expects(qtbot, make_window):
+    """Negative prompt, guidance and true CFG go into the Recipe (0: the model's default); a shape
+    preset keeps the model's area in multiples of 16, and "model default" clears the size."""
+    w = make_window(n=2)
+    w.form.prompt.setPlainText("a red circle")
+    w.form.negative.setText("blue")
+    w.form.true_cfg.setValue(3.0)
+    r = w.form.recipe()
+    assert (r.negative_prompt, r.true_cfg, r.guidance) == ("blue", 3.0, None)
+    w.form.set_model_size(1024, 1024)
+    w.form._aspect_chosen(w.form.aspect.findText("wide 16:9"))
+    width, height = w.form.width_.value(), w.form.height_.value()
+    assert width % 16 == 0 and height % 16 == 0 and width > height
+    assert abs(width * height - 1024 * 1024) / (1024 * 1024) < 0.05 and abs(width / height - 16 / 9) < 0.05
+    w.form._aspect_chosen(0)
+    assert w.form.width_.value() == 0 and w.form.recipe().width is None
