@@ -15,7 +15,7 @@ from typing import Callable, Optional
 import mlx.core as mx
 import numpy as np
 
-from . import sampling, weights
+from . import memory, sampling, weights
 from .models import autoencoder, clip, t5
 from .models.flux import FluxTransformer
 from .repulsion import Blend, Method, Recording, Repulsion, signature
@@ -124,10 +124,11 @@ class Pipeline:
 
     @classmethod
     def from_pretrained(cls, source: str = "demo", quantize: Optional[int] = None, low_memory: bool = False,
-                        progress: bool = False) -> "Pipeline":
+                        progress: bool = False, force: bool = False) -> "Pipeline":
         """Load "demo", "schnell", "dev", a Hub repo id or a diffusers-layout folder; quantize the
         transformer and T5 to 4 or 8 bits while loading. With `low_memory`, T5 and CLIP are freed once
-        a prompt is encoded and read again for the next new prompt."""
+        a prompt is encoded and read again for the next new prompt. Refuses (memory.NotEnoughMemory) when
+        the machine's memory cannot hold it, before reading the weights, unless `force`."""
         if quantize not in (None, 4, 8):
             raise ValueError(f"quantize must be None, 4 or 8 (bits), not {quantize!r}")
         folder = weights.resolve(source, progress=progress)
@@ -143,6 +144,7 @@ class Pipeline:
             weights.weight_files(folder / name)
         tokenizer, tokenizer_2 = (_tokenizer(folder / name) for name in ("tokenizer", "tokenizer_2"))
         scheduler = weights.read_json(folder / "scheduler" / "scheduler_config.json")
+        memory.check(folder, quantize, low_memory, force)
 
         def component(name, model_cls, sanitize):
             config = configs[name]
