@@ -3,8 +3,8 @@
     python scripts/full_size_step.py load FOLDER [-q 4|8] [--low-memory]   load, print the weights' bytes
     python scripts/full_size_step.py save FOLDER OUT -q 4                   load quantized, save, fingerprint
     python scripts/full_size_step.py verify OUT                             reload; fingerprints identical?
-    python scripts/full_size_step.py block FOLDER --tokens 8 16             one double + one single block
-    python scripts/full_size_step.py forward FOLDER --image 32 --text 8     all 19 + 38 blocks, one step
+    python scripts/full_size_step.py block FOLDER --tokens 1 4 16 --text 4  one double + one single block
+    python scripts/full_size_step.py forward FOLDER --image 32 --text 4     all 19 + 38 blocks, one step
 
 Each prints one JSON line (seconds inside the process, bytes of the weights as loaded); the shell script
 adds wall time and peak resident memory from /usr/bin/time -v.
@@ -126,7 +126,7 @@ def block(args):
     model = transformer(Path(args.folder), depth=(1, 1))
     size = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     return dict(weights_bytes={"transformer": size},
-                runs=[run_forward(model, 16 * int(round(n ** 0.5)), 8) for n in args.tokens])
+                runs=[run_forward(model, 16 * int(round(n ** 0.5)), args.text) for n in args.tokens])
 
 
 def forward(args):
@@ -146,7 +146,7 @@ def main():
     p.add_argument("--low-memory", action="store_true")
     p.add_argument("--tokens", type=int, nargs="+", default=[4, 16])
     p.add_argument("--image", type=int, default=32)
-    p.add_argument("--text", type=int, default=8)
+    p.add_argument("--text", type=int, default=4)
     args = p.parse_args()
     if args.step == "verify":
         args.out = args.folder

@@ -6,7 +6,8 @@
 #
 # BIG is where scripts/make_full_size.py wrote FLUX.1-schnell/ and flux1-schnell.safetensors (disk: the
 # steps need about 60 GB at once, see docs/full-size.md for the order that keeps within it). STEPs:
-# load (q4, q8, each with and without low_memory), convert, save, reload, verify, block, forward; default all.
+# load (q4, q8, each with and without low_memory), convert, save, reload, verify, block, forward, dev;
+# default all but dev. Q4=FOLDER picks the 4-bit folder of block and forward (default BIG/saved-q4).
 # Results go to BIG/results.tsv, one line a step:
 # name, wall s, peak RSS bytes, weights bytes, and the step's own JSON.
 set -euo pipefail
@@ -16,6 +17,7 @@ STEPS=${*:-load convert save reload verify block forward}
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 export PYTHONPATH=$HERE${PYTHONPATH:+:$PYTHONPATH}
 SCHNELL=$BIG/FLUX.1-schnell
+Q4=${Q4:-$BIG/saved-q4}  # the 4-bit folder the block and forward steps run on
 RESULTS=$BIG/results.tsv
 
 measure() {  # measure NAME WEIGHTS_FROM CMD...: WEIGHTS_FROM is "json" or a folder whose safetensors to sum
@@ -31,7 +33,7 @@ measure() {  # measure NAME WEIGHTS_FROM CMD...: WEIGHTS_FROM is "json" or a fol
   if [ "$from" = json ]; then
     bytes=$(python -c 'import json, sys; print(sum(json.loads(sys.argv[1])["weights_bytes"].values()))' "$json")
   else
-    bytes=$(find -L "$from" -name '*.safetensors' -printf '%s\n' | awk '{s += $1} END {print s}')
+    bytes=$(find -L "$from" -name '*.safetensors' -printf '%s\n' | awk '{s += $1} END {printf "%.0f\n", s}')
   fi
   printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$wall" "$rss" "$bytes" "${json:-{\}}" | tee -a "$RESULTS"
   rm -f "$log" "$log.out"
@@ -59,9 +61,27 @@ for s in $STEPS; do
     verify)
       measure "reload saved 4-bit folder + compare" json $STEP verify "$BIG/saved-q4" ;;
     block)
-      measure "one double + one single block, 4-bit" json $STEP block "$BIG/saved-q4" --tokens 1 4 16 ;;
+      measure "one double + one single block, 4-bit" json $STEP block "$Q4" --tokens 1 4 16 --text 4 ;;
     forward)
-      measure "full 19 + 38 blocks, 4-bit" json $STEP forward "$BIG/saved-q4" --image 32 --text 4 ;;
+      measure "full 19 + 38 blocks, 4-bit" json $STEP forward "$Q4" --image 64 --text 16 ;;
+    table)  # results.tsv as the markdown table of docs/full-size.md (the last line of each step)
+      python - "$RESULTS" <<'PY'
+import json, sys
+rows = {}
+for line in open(sys.argv[1]):
+    name, wall, rss, size, info = line.rstrip("\n").split("\t")
+    rows[name] = (float(wall), int(rss), int(size), json.loads(info))
+G = 2 ** 30
+print("| step | wall s | in-process s | peak RSS GiB | weights GiB | peak - weights GiB |")
+print("|---|---:|---:|---:|---:|---:|")
+for name, (wall, rss, size, info) in rows.items():
+    inner = info.get("load_s", info.get("forward_s", ""))
+    inner = f"{inner:.1f}" if inner != "" else ""
+    print(f"| {name} | {wall:.1f} | {inner} | {rss / G:.2f} | {size / G:.2f} | {(rss - size) / G:+.2f} |")
+PY
+      ;;
+    dev)
+      measure "from_pretrained dev q4" json $STEP load "$BIG/FLUX.1-dev" -q 4 ;;
     *) echo "unknown step $s" >&2; exit 2 ;;
   esac
 done
