@@ -4,7 +4,8 @@
     python scripts/full_size_step.py save FOLDER OUT -q 4                   load quantized, save, fingerprint
     python scripts/full_size_step.py verify OUT                             reload; fingerprints identical?
     python scripts/full_size_step.py block FOLDER --tokens 1 4 16 --text 4  one double + one single block
-    python scripts/full_size_step.py forward FOLDER --image 32 --text 4     all 19 + 38 blocks, one step
+    python scripts/full_size_step.py forward FOLDER --image 64 --text 16    all 19 + 38 blocks, one step
+    python scripts/full_size_step.py forward FOLDER -q 4 --batch 2 --repulsion   ... repelled, quantizing
 
 Each prints one JSON line (seconds inside the process, bytes of the weights as loaded); the shell script
 adds wall time and peak resident memory from /usr/bin/time -v.
@@ -20,7 +21,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from mlx_crepulse import Pipeline, sampling, weights
+from mlx_crepulse import Pipeline, Repulsion, sampling, weights
 from mlx_crepulse.models.flux import FluxTransformer
 
 FINGERPRINTS = "fingerprints.json"
@@ -69,9 +70,10 @@ def verify(args):
     return result
 
 
-def transformer(folder: Path, depth=None):
-    """The transformer of a folder, as from_pretrained loads it (quantized if the folder is); `depth`
-    (double, single) keeps only that many blocks, loading only their weights."""
+def transformer(folder: Path, depth=None, quantize=None):
+    """The transformer of a folder, as from_pretrained loads it (quantized if the folder is, or to
+    `quantize` bits while loading); `depth` (double, single) keeps only that many blocks, loading only
+    their weights."""
     config = weights.read_json(folder / "transformer" / "config.json")
     if depth:
         config = dict(config, num_layers=depth[0], num_single_layers=depth[1])
@@ -80,7 +82,8 @@ def transformer(folder: Path, depth=None):
     if depth:  # only the tensors of the kept blocks: a filtered copy of the weight files' views
         model = _load_subset(model, files, config)
     else:
-        weights.load_into(model, folder / "transformer", None, None, config.get("quantization"))
+        saved = config.get("quantization")
+        weights.load_into(model, folder / "transformer", None, None if saved else quantize, saved)
     return model
 
 
@@ -96,22 +99,37 @@ def _load_subset(model, files, config):
     return model
 
 
-def run_forward(model, image_px: int, text_tokens: int):
-    """One velocity evaluation (batch of 1) at image_px x image_px with text_tokens T5 states."""
+def run_forward(model, image_px: int, text_tokens: int, batch: int = 1, repel: bool = False):
+    """One velocity evaluation at image_px x image_px with text_tokens T5 states (one prompt), a batch of
+    `batch` noises; with `repel`, Repulsion's own hook (50 iterations, every block) acts in the forward,
+    else an identity hook (the same path through every block)."""
     side = image_px // 16
+    c = model.config
     rng = np.random.default_rng(0)
-    img = mx.array(rng.standard_normal((1, side * side, 64)).astype(np.float32)).astype(mx.bfloat16)
-    txt = mx.array(rng.standard_normal((1, text_tokens, 4096)).astype(np.float32)).astype(mx.bfloat16)
-    pooled = mx.array(rng.standard_normal((1, 768)).astype(np.float32)).astype(mx.bfloat16)
+    normal = lambda *shape: mx.array(rng.standard_normal(shape).astype(np.float32)).astype(mx.bfloat16)
+    img = normal(batch, side * side, c["in_channels"])
+    txt = mx.broadcast_to(normal(1, text_tokens, c["joint_attention_dim"]), (batch, text_tokens, c["joint_attention_dim"]))
+    pooled = mx.broadcast_to(normal(1, c["pooled_projection_dim"]), (batch, c["pooled_projection_dim"]))
     pe = model.pos_embed(mx.zeros((text_tokens, 3)), sampling.image_ids(side, side))
-    guidance = mx.array([3.5]) if model.config.get("guidance_embeds") else None
-    calls = []
+    guidance = mx.full((batch,), 3.5) if model.config.get("guidance_embeds") else None
+    calls, moved = [], []
+    inner = None
+    if repel:
+        rep = Repulsion(scale=1e8, iterations=50, steps=1, blocks="all")
+        rep.validate(batch, model)
+        inner = rep.hook(0, 1)
 
-    def hook(kind, index, t, i):  # the repulsion hook's path, through every block
+    def hook(kind, index, t, i):  # through every block; with repulsion, how far it moved the text tokens
         calls.append((kind, index))
-        return t, i
+        if inner is None:
+            return t, i
+        new_t, new_i = inner(kind, index, t, i)
+        if kind == "double":
+            moved.append(float(mx.linalg.norm((new_t - t).astype(mx.float32)) /
+                               mx.linalg.norm(t.astype(mx.float32))))
+        return new_t, new_i
     t = time.perf_counter()
-    vec = model.conditioning(mx.array([1.0]), pooled, guidance)
+    vec = model.conditioning(mx.full((batch,), 1.0), pooled, guidance)
     out = model(img, txt, vec, pe, hook)
     mx.eval(out)
     seconds = time.perf_counter() - t
@@ -119,7 +137,8 @@ def run_forward(model, image_px: int, text_tokens: int):
     return dict(forward_s=seconds, image_tokens=side * side, text_tokens=text_tokens, shape=list(a.shape),
                 finite=bool(np.isfinite(a).all()), std=float(a.std()),
                 hooked_double=sum(k == "double" for k, _ in calls), hooked_single=sum(k == "single" for k, _ in calls),
-                peak_mlx_bytes=mx.get_peak_memory())
+                peak_mlx_bytes=mx.get_peak_memory(), batch=batch, repulsion=repel,
+                text_moved_per_double_block=[round(m, 6) for m in moved])
 
 
 def block(args):
@@ -131,10 +150,10 @@ def block(args):
 
 def forward(args):
     t = time.perf_counter()
-    model = transformer(Path(args.folder))
+    model = transformer(Path(args.folder), quantize=args.quantize)
     loaded = time.perf_counter() - t
     size = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
-    return dict(load_s=loaded, weights_bytes={"transformer": size}, **run_forward(model, args.image, args.text))
+    return dict(load_s=loaded, weights_bytes={"transformer": size}, **run_forward(model, args.image, args.text, args.batch, args.repulsion))
 
 
 def main():
@@ -147,6 +166,8 @@ def main():
     p.add_argument("--tokens", type=int, nargs="+", default=[4, 16])
     p.add_argument("--image", type=int, default=32)
     p.add_argument("--text", type=int, default=4)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--repulsion", action="store_true", help="forward: Repulsion's hook (needs --batch 2 or more)")
     args = p.parse_args()
     if args.step == "verify":
         args.out = args.folder

@@ -6,8 +6,8 @@
 #
 # BIG is where scripts/make_full_size.py wrote FLUX.1-schnell/ and flux1-schnell.safetensors (disk: the
 # steps need about 60 GB at once, see docs/full-size.md for the order that keeps within it). STEPs:
-# load (q4, q8, each with and without low_memory), convert, save, reload, verify, block, forward, dev;
-# default all but dev. Q4=FOLDER picks the 4-bit folder of block and forward (default BIG/saved-q4).
+# load (q4, q8, each with and without low_memory), convert, save, reload, verify, block, forward, dev,
+# repel, table; default all but dev and repel. Q4=FOLDER picks the 4-bit folder of block and forward (default BIG/saved-q4).
 # Results go to BIG/results.tsv, one line a step:
 # name, wall s, peak RSS bytes, weights bytes, and the step's own JSON.
 set -euo pipefail
@@ -82,6 +82,9 @@ PY
       ;;
     dev)
       measure "from_pretrained dev q4" json $STEP load "$BIG/FLUX.1-dev" -q 4 ;;
+    repel)  # dev (guidance embedding), quantized while loading, a batch of 2 repelled at every block
+      measure "full depth, dev, batch 2, repulsion" json $STEP forward "$BIG/FLUX.1-dev" -q 4 --batch 2 --repulsion \
+        --image 64 --text 16 ;;
     *) echo "unknown step $s" >&2; exit 2 ;;
   esac
 done
