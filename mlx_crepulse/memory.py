@@ -5,8 +5,10 @@ The estimate is exact for the weights (the bytes of every array the loaded pipel
 bytes are its shape times its dtype's size, except the Linear weights that loading quantizes (in the
 transformer and T5, input width a multiple of the group size), which take bits/8 bytes a number plus a
 scale and a bias per group of 64 in the weight's dtype. A folder saved already quantized is counted as
-written. On top of the weights a generation needs its activations (HEADROOM: a batch of 4 at 1024 px in
-4 bits peaks 1.5 GiB above the weights in the low-memory mode), and the system keeps RESERVE.
+written. On top of the weights a generation needs its activations: HEADROOM is one image at 1024 px
+(docs/performance.md: the transformer's bf16 activations about 1 GiB, a 256 px VAE tile 1.2 GiB, never at
+once); a batch of 4 at 1024 px needs about 3 GiB more, which loading cannot know of. The system keeps
+`reserve`.
 """
 
 import json
@@ -18,7 +20,7 @@ from pathlib import Path
 from . import weights
 
 GiB = 1 << 30
-HEADROOM = 1.5 * GiB  # activations of a generation, above the weights
+HEADROOM = 1.5 * GiB  # activations of a generation of one image at 1024 px, above the weights
 DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I8": 1, "U8": 1, "I16": 2, "U16": 2, "I32": 4, "U32": 4,
                "I64": 8, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 WEIGHTS = ("transformer", "text_encoder", "text_encoder_2", "vae")

@@ -72,11 +72,12 @@ for line in open(sys.argv[1]):
     name, wall, rss, size, info = line.rstrip("\n").split("\t")
     rows[name] = (float(wall), int(rss), int(size), json.loads(info))
 G = 2 ** 30
-print("| step | wall s | in-process s | peak RSS GiB | weights GiB | peak - weights GiB |")
-print("|---|---:|---:|---:|---:|---:|")
+print("| step | wall s | inside the process, s | peak RSS GiB | weights GiB | peak - weights GiB |")
+print("|---|---:|---|---:|---:|---:|")
 for name, (wall, rss, size, info) in rows.items():
-    inner = info.get("load_s", info.get("forward_s", ""))
-    inner = f"{inner:.1f}" if inner != "" else ""
+    inner = ", ".join(f"{k[:-2]} {info[k]:.1f}" for k in ("load_s", "save_s", "forward_s") if k in info)
+    inner += ", ".join(f"forward at {r['image_tokens']}+{r['text_tokens']} tokens {r['forward_s']:.1f}"
+                       for r in info.get("runs", []))
     print(f"| {name} | {wall:.1f} | {inner} | {rss / G:.2f} | {size / G:.2f} | {(rss - size) / G:+.2f} |")
 PY
       ;;
