@@ -8,6 +8,7 @@ the main window and exits; its history goes to a temporary folder unless --data-
 """
 
 import argparse
+import os
 import sys
 import tempfile
 
@@ -27,9 +28,15 @@ def parse(argv):
     return p.parse_args(argv)
 
 
+def _no_display() -> bool:
+    return sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+
+
 def main(argv=None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
-    from PySide6.QtCore import QCoreApplication, QSettings, QTimer
+    if args.screenshot and _no_display():  # a screenshot needs no screen: Qt draws offscreen
+        os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+    from PySide6.QtCore import QCoreApplication, QSettings
     from PySide6.QtWidgets import QApplication
 
     from . import APP_NAME, ORG_NAME, worker
@@ -61,46 +68,7 @@ def main(argv=None) -> int:
         win.form.seed.setValue(args.seed)
     code = {"rc": 0}
     if args.screenshot:
-        w, h = (int(v) for v in args.size.lower().split("x"))
-        win.resize(w, h)
-
-        def shoot(_=None):
-            win.grid.setFocus()
-            QTimer.singleShot(400, save)
-
-        def save():
-            if not win.grab().save(args.screenshot):
-                print(f"could not write {args.screenshot}", file=sys.stderr)
-                code["rc"] = 1
-            else:
-                print(args.screenshot)
-            win.close()
-            app.quit()
-
-        def ended(how):
-            if how != "finished":
-                print(f"generation {how}: {win.banner.text or win.progress_label.text()}", file=sys.stderr)
-                code["rc"] = 1
-                QTimer.singleShot(0, save)
-
-        def give_up():
-            print(f"gave up after {args.timeout:g} s", file=sys.stderr)
-            code["rc"] = 1
-            save()
-
-        win.batch_shown.connect(shoot)
-        win.job_ended.connect(ended)
-        QTimer.singleShot(int(args.timeout * 1000), give_up)
-        win.show()
-        if not args.prompt:
-            win.form.prompt.setPlainText("a lighthouse on a cliff at dusk")
-
-        def go():
-            if not win.generate():
-                print(f"could not start: {win.banner.text}", file=sys.stderr)
-                code["rc"] = 1
-                save()
-        QTimer.singleShot(100, go)
+        _screenshot(app, win, args, code)
     else:
         win.show()
     rc = app.exec()
@@ -108,6 +76,52 @@ def main(argv=None) -> int:
     if tmp is not None:
         tmp.cleanup()
     return code["rc"] or rc
+
+
+def _screenshot(app, win, args, code):
+    """Generate one batch, save a PNG of the window, quit; code["rc"] says how it went."""
+    from PySide6.QtCore import QTimer
+
+    w, h = (int(v) for v in args.size.lower().split("x"))
+    win.resize(w, h)
+
+    def shoot(_=None):
+        win.grid.setFocus()
+        QTimer.singleShot(400, save)
+
+    def save():
+        if not win.grab().save(args.screenshot):
+            print(f"could not write {args.screenshot}", file=sys.stderr)
+            code["rc"] = 1
+        else:
+            print(args.screenshot)
+        win.close()
+        app.quit()
+
+    def ended(how):
+        if how != "finished":
+            print(f"generation {how}: {win.banner.text or win.progress_label.text()}", file=sys.stderr)
+            code["rc"] = 1
+            QTimer.singleShot(0, save)
+
+    def give_up():
+        print(f"gave up after {args.timeout:g} s", file=sys.stderr)
+        code["rc"] = 1
+        save()
+
+    win.batch_shown.connect(shoot)
+    win.job_ended.connect(ended)
+    QTimer.singleShot(int(args.timeout * 1000), give_up)
+    win.show()
+    if not args.prompt:
+        win.form.prompt.setPlainText("a lighthouse on a cliff at dusk")
+
+    def go():
+        if not win.generate():
+            print(f"could not start: {win.banner.text}", file=sys.stderr)
+            code["rc"] = 1
+            save()
+    QTimer.singleShot(100, go)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from PySide6.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, Q
                                QPlainTextEdit, QPushButton, QSizePolicy, QSlider, QSpinBox, QToolButton,
                                QVBoxLayout, QWidget)
 
-from mlx_crepulse.pipeline import DEFAULT_DIVERSITY
+from mlx_crepulse import DEFAULT_DIVERSITY, Recipe, Repulsion, random_seed
 
 from . import models
 
@@ -43,14 +43,28 @@ class Form(QWidget):
     def __init__(self, settings, parent=None):
         super().__init__(parent)
         self.settings = settings
-        self.prompt = QPlainTextEdit()
         keys = QKeySequence("Ctrl+Return").toString(QKeySequence.SequenceFormat.NativeText)
+        self._make_prompt(keys)
+        self._make_model()
+        ends = self._make_batch_and_diversity()
+        self._make_advanced()
+        self._make_generate(keys)
+        self._lay_out(ends)
+        self.model.currentIndexChanged.connect(self._model_index_changed)
+        self.precision.currentIndexChanged.connect(lambda _: self.model_changed.emit())
+        self._last_model_index = 0
+        self._diversity_changed(self.diversity.value())
+
+
+    def _make_prompt(self, keys):
+        self.prompt = QPlainTextEdit()
         self.prompt.setPlaceholderText(f"Describe an image \u2014 {keys} to generate")
         self.prompt.setTabChangesFocus(True)
         self.prompt.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Preferred)
         self.prompt.setFixedHeight(96)
         self.prompt.installEventFilter(self)  # Ctrl+Enter in the prompt box generates, not a new line
 
+    def _make_model(self):
         self.model = QComboBox()
         for source, text in models.CHOICES:
             self.model.addItem(text, source)
@@ -65,6 +79,7 @@ class Form(QWidget):
         self.download.setVisible(False)
         self.download.clicked.connect(lambda: self.download_requested.emit(self.source()))
 
+    def _make_batch_and_diversity(self):
         self.n = QSpinBox()
         self.n.setRange(1, 16)
         self.n.setValue(4)
@@ -84,8 +99,10 @@ class Form(QWidget):
             lab.setObjectName("hint")
             lab.setAlignment(align)
             ends.addWidget(lab, 1)
+        return ends
 
-        # the advanced fold
+    def _make_advanced(self):
+        """The advanced fold: steps, size, seed, low-memory mode."""
         self.advanced_button = QToolButton()
         self.advanced_button.setText("Advanced")
         self.advanced_button.setCheckable(True)
@@ -132,6 +149,7 @@ class Form(QWidget):
         self.advanced.setVisible(False)
         self.advanced_button.toggled.connect(self._fold)
 
+    def _make_generate(self, keys):
         self.generate = QPushButton("Generate")
         self.generate.setDefault(True)
         self.generate.setToolTip(f"Generate a batch ({keys})")
@@ -139,6 +157,7 @@ class Form(QWidget):
         self.generate.setObjectName("primary")
         self.generate.clicked.connect(self.generate_requested)
 
+    def _lay_out(self, ends):
         lay = QVBoxLayout(self)
         lay.setContentsMargins(14, 14, 14, 14)
         lay.setSpacing(6)
@@ -168,11 +187,6 @@ class Form(QWidget):
         lay.addWidget(self.advanced)
         lay.addStretch(1)
         lay.addWidget(self.generate)
-
-        self.model.currentIndexChanged.connect(self._model_index_changed)
-        self.precision.currentIndexChanged.connect(lambda _: self.model_changed.emit())
-        self._last_model_index = 0
-        self._diversity_changed(self.diversity.value())
 
     def eventFilter(self, obj, event):
         if obj is self.prompt and event.type() in (QEvent.Type.KeyPress, QEvent.Type.ShortcutOverride):
@@ -210,13 +224,19 @@ class Form(QWidget):
             self.model.setItemData(i, source, Qt.ItemDataRole.ToolTipRole)
         self.model.setCurrentIndex(i)
 
-    def job_fields(self) -> dict:
-        """The form's values as Job fields (None: the model's default)."""
-        return dict(source=self.source(), quantize=self.quantize(), prompt=self.prompt.toPlainText().strip(),
-                    n=self.n.value(), steps=self.steps.value() or None, width=self.width_.value() or None,
-                    height=self.height_.value() or None, diversity=self.diversity_value(),
-                    seed=self.seed.value() if self.seed.value() >= 0 else None,
-                    low_memory=self.low_memory.isChecked())
+    def prompt_text(self) -> str:
+        return self.prompt.toPlainText().strip()
+
+    def recipe(self) -> Recipe:
+        """The form's values as a Recipe (None: the model's default; no seed: a new one each time). The
+        slider's lowest "on" position is the low end of the model's range, not plain seeds; one image has
+        nothing to push apart, so it is left plain."""
+        diversity = self.diversity_value() if self.n.value() >= 2 else None
+        return Recipe(self.prompt_text(), n=self.n.value(), model=self.source(), quantize=self.quantize(),
+                      steps=self.steps.value() or None, width=self.width_.value() or None,
+                      height=self.height_.value() or None, diversity=diversity,
+                      method=Repulsion() if diversity is not None else None,
+                      seed=self.seed.value() if self.seed.value() >= 0 else random_seed(self.n.value()))
 
     def load_recipe(self, recipe: dict):
         """Put a stored batch's settings into the form (prompt, model, size, steps, seed, diversity)."""
@@ -234,7 +254,7 @@ class Form(QWidget):
         app = recipe.get("app", {})
         if "diversity" in app:
             self.diversity.setValue(tick_of(app["diversity"]))
-        elif recipe.get("repulsion") is None:
+        elif recipe.get("method") is None:
             self.diversity.setValue(0)
 
     def set_busy(self, busy: bool):

@@ -28,12 +28,14 @@ from typing import Optional
 
 import numpy as np
 
-from mlx_crepulse import metadata
+from mlx_crepulse import metadata, migrate_recipe as migrate
+from mlx_crepulse.metadata import slug
 
 ENV_DIR = "MLX_CREPULSE_APP_DIR"
 DB_NAME = "history.sqlite3"
 IMAGES = "images"
 INPUTS = "inputs.npz"
+USER_VERSION = 2  # of the database: 2 stores schema-2 recipes
 ORPHAN_AGE_S = 600  # an unreferenced batch folder older than this is a crash's leftover
 
 SCHEMA = """
@@ -119,8 +121,27 @@ class History:
         self._local = threading.local()
         db = self._db()
         db.executescript(SCHEMA)
-        db.execute("PRAGMA user_version = 1")
+        self._migrate(db)
         self.remove_orphans()
+
+    def _migrate(self, db):
+        """Bring the stored recipes to the current schema, all in one transaction (version 1: the
+        recipes of mlx-crepulse 0.1, `Recipe.from_dict`'s schema 1)."""
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version >= USER_VERSION:
+            return
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for row_id, text in db.execute("SELECT id, recipe FROM batches").fetchall():
+                stored = json.loads(text)
+                app = stored.pop("app", None)
+                recipe = dict(migrate(stored), **({"app": app} if app is not None else {}))
+                db.execute("UPDATE batches SET recipe = ? WHERE id = ?", (json.dumps(recipe, allow_nan=False), row_id))
+            db.execute(f"PRAGMA user_version = {USER_VERSION}")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
 
     # --- connections ------------------------------------------------------------------------------------
 
@@ -150,7 +171,7 @@ class History:
         """Store a `Result` (PIL images): PNG files and inputs first, flushed, then the rows in one
         transaction. Returns the new batch id. `inputs`: arrays needed to run the recipe again
         (latents, reference, image); `labels`: a caption per image (e.g. "A", "B", "a=0.50")."""
-        settings = dict(result.settings)
+        settings = result.recipe.to_dict()
         recipe = dict(settings, app=dict(note or {}, kind=kind, parent_image=parent_image))
         name = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:8]
         folder = self.images_dir / name
@@ -305,10 +326,10 @@ class History:
             im = self.image(image_id)
             if im is None or not im.path.exists():
                 continue
-            target = folder / f"{_slug(im.prompt)}-b{im.batch_id}-{im.index:02d}.png"
+            target = folder / f"{slug(im.prompt, 40)}-b{im.batch_id}-{im.index:02d}.png"
             k = 1
             while target.exists():
-                target = target.with_name(f"{_slug(im.prompt)}-b{im.batch_id}-{im.index:02d}-{k}.png")
+                target = target.with_name(f"{slug(im.prompt, 40)}-b{im.batch_id}-{im.index:02d}-{k}.png")
                 k += 1
             shutil.copy2(im.path, target)
             out.append(target)
@@ -352,8 +373,3 @@ def _json_default(o):
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-def _slug(text: str, limit: int = 40) -> str:
-    s = "".join(c.lower() if c.isalnum() else "-" for c in text).strip("-")
-    while "--" in s:
-        s = s.replace("--", "-")
-    return s[:limit].rstrip("-") or "image"

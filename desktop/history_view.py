@@ -68,7 +68,22 @@ class HistoryView(QWidget):
         self.export_btn.setToolTip("Copy the images shown (PNG files with their recipes) to a folder")
         self.delete_btn = QPushButton("Delete")
         self.grid = Grid(tile=160, max_tile=320)
+        self._lay_out()
+        self.search.textChanged.connect(lambda _: self.refresh())
+        self.starred_only.toggled.connect(lambda _: self.refresh())
+        self.list.currentItemChanged.connect(lambda *_: self._show_current())
+        self.grid.selection_changed.connect(self.selection_changed)
+        self.grid.star_toggled.connect(self._starred)
+        self.grid.opened.connect(lambda i: self.opened.emit(self.grid.items(), i))
+        self.use_btn.clicked.connect(lambda: self.current_batch() and self.use_settings.emit(self.current_batch()))
+        self.rerun_btn.clicked.connect(lambda: self.current_batch() and self.run_again.emit(self.current_batch()))
+        self.export_btn.clicked.connect(self._export_dialog)
+        self.delete_btn.clicked.connect(self._delete)
+        self._batch = None
+        self.refresh()
 
+    def _lay_out(self):
+        """The batch list at the left; the chosen batch's header, buttons and images at the right."""
         left = QWidget()
         ll = QVBoxLayout(left)
         ll.setContentsMargins(8, 8, 4, 8)
@@ -94,19 +109,6 @@ class HistoryView(QWidget):
         lay = QVBoxLayout(self)
         lay.setContentsMargins(0, 0, 0, 0)
         lay.addWidget(split)
-
-        self.search.textChanged.connect(lambda _: self.refresh())
-        self.starred_only.toggled.connect(lambda _: self.refresh())
-        self.list.currentItemChanged.connect(lambda *_: self._show_current())
-        self.grid.selection_changed.connect(self.selection_changed)
-        self.grid.star_toggled.connect(self._starred)
-        self.grid.opened.connect(lambda i: self.opened.emit(self.grid.items(), i))
-        self.use_btn.clicked.connect(lambda: self.current_batch() and self.use_settings.emit(self.current_batch()))
-        self.rerun_btn.clicked.connect(lambda: self.current_batch() and self.run_again.emit(self.current_batch()))
-        self.export_btn.clicked.connect(self._export_dialog)
-        self.delete_btn.clicked.connect(self._delete)
-        self._batch = None
-        self.refresh()
 
     def refresh(self, select_batch: int = None):
         """Reload the list; keep (or move to) the selected batch."""

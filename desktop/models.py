@@ -1,28 +1,33 @@
 """Which model to run: the choices, whether a model is on disk, how much memory it needs, and
 downloading it from the Hugging Face Hub with progress.
 
-The download runs `mlx_crepulse.weights.download` in a child process (QProcess), not in a thread:
+The download runs `python -m mlx_crepulse.hub REPO` in a child process (QProcess), not in a thread:
 it can then be stopped at once, and huggingface_hub resumes the partial files at the next start.
 Progress is read from the size of the repo's folder in the Hugging Face cache against the total
 the Hub announces for the files a pipeline needs.
 """
 
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Optional
 
 from PySide6.QtCore import QObject, QProcess, QTimer, Signal
 
-from mlx_crepulse import weights
+from mlx_crepulse import hub
 
 DEMO = "demo"
 # (source, label); folders are added by the user
-CHOICES = [(DEMO, "Demo (tiny, bundled)"), ("schnell", "FLUX.1-schnell"), ("dev", "FLUX.1-dev")]
+CHOICES = [(DEMO, "Demo (tiny, bundled)"), ("klein", "FLUX.2 [klein] 4B"), ("klein-base", "FLUX.2 [klein] 4B base"),
+           ("klein-9b", "FLUX.2 [klein] 9B"), ("schnell", "FLUX.1-schnell"), ("dev", "FLUX.1-dev")]
 LABELS = dict(CHOICES)
-# Memory a FLUX.1 pipeline needs to run (transformer + T5 + CLIP + VAE + activations), in GB
+# Memory a pipeline needs to run (its weights, scripts/klein_memory.py for [klein], plus a batch's
+# activations), in GB, by precision
 FLUX_NEEDS_GB = {None: 33.0, 8: 18.0, 4: 10.0}
+KLEIN_4B_NEEDS_GB = {None: 16.5, 8: 10.0, 4: 6.5}
+KLEIN_9B_NEEDS_GB = {None: 32.5, 8: 19.0, 4: 12.0}
+NEEDS_GB = {"schnell": FLUX_NEEDS_GB, "dev": FLUX_NEEDS_GB, "klein": KLEIN_4B_NEEDS_GB,
+            "klein-base": KLEIN_4B_NEEDS_GB, "klein-9b": KLEIN_9B_NEEDS_GB, "klein-9b-base": KLEIN_9B_NEEDS_GB}
 DEMO_NEEDS_GB = 0.5
 PRECISIONS = [(None, "full (bf16)"), (8, "8-bit"), (4, "4-bit")]
 
@@ -34,12 +39,7 @@ def label(source: str) -> str:
     return p.name or source
 
 
-def repo_of(source: str) -> Optional[str]:
-    """The Hub repo id for schnell/dev/a repo id; None for the demo and for folders."""
-    if source == DEMO or Path(source).expanduser().exists():
-        return None
-    repo = weights.ALIASES.get(source, source)
-    return repo if re.fullmatch(r"[\w.-]+/[\w.-]+", repo) else None
+repo_of = hub.repo_id
 
 
 def physical_ram_gb() -> Optional[float]:
@@ -63,7 +63,8 @@ def needs_gb(source: str, quantize: Optional[int]) -> float:
                 big += size
         bytes_ = total - big + big * ((quantize or 16) / 16)
         return round(bytes_ / 1e9 * 1.3 + (0.5 if bytes_ > 1e9 else 0.0), 2)
-    return FLUX_NEEDS_GB.get(quantize, FLUX_NEEDS_GB[None])
+    table = NEEDS_GB.get(source, FLUX_NEEDS_GB)
+    return table.get(quantize, table[None])
 
 
 def memory_problem(source: str, quantize: Optional[int], ram_gb: Optional[float] = None) -> Optional[str]:
@@ -76,8 +77,9 @@ def memory_problem(source: str, quantize: Optional[int], ram_gb: Optional[float]
         return None
     precision = dict(PRECISIONS)[quantize]
     advice = ""
-    if quantize != 4 and FLUX_NEEDS_GB[4] <= ram * 0.9:
-        advice = " Choose 4-bit" + (" or 8-bit" if quantize is None and FLUX_NEEDS_GB[8] <= ram * 0.9 else "") + "."
+    table = NEEDS_GB.get(source, FLUX_NEEDS_GB)
+    if quantize != 4 and table[4] <= ram * 0.9:
+        advice = " Choose 4-bit" + (" or 8-bit" if quantize is None and table[8] <= ram * 0.9 else "") + "."
     elif quantize != 4 or need > ram:
         advice = " Try the demo model."
     return (f"{label(source)} at {precision} needs about {need:.0f} GB of memory; this machine has "
@@ -88,10 +90,6 @@ def availability(source: str) -> Optional[str]:
     """None when the model's files are on disk; else a short reason (a Hub model not downloaded yet,
     a folder that is not a pipeline)."""
     if source == DEMO:
-        try:
-            weights.resolve(DEMO)
-        except weights.WeightsError as e:
-            return str(e)
         return None
     folder = Path(source).expanduser()
     if folder.exists():
@@ -101,66 +99,7 @@ def availability(source: str) -> Optional[str]:
     repo = repo_of(source)
     if repo is None:
         return f"unknown model {source!r}: choose demo, schnell, dev, a Hub repo id or a folder"
-    return None if hub_complete(repo) else f"{label(source)} is not downloaded yet"
-
-
-def hub_complete(repo: str) -> bool:
-    """Whether the Hugging Face cache holds a whole pipeline for `repo` (every shard of the sharded parts)."""
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:
-        return False
-    import json
-
-    def cached(name):
-        p = try_to_load_from_cache(repo, name)
-        return p if isinstance(p, str) and os.path.exists(p) else None
-
-    if not cached("model_index.json"):
-        return False
-    for part, index in (("transformer", "diffusion_pytorch_model.safetensors.index.json"),
-                        ("text_encoder_2", "model.safetensors.index.json")):
-        idx = cached(f"{part}/{index}")
-        if idx is None:
-            return False
-        with open(idx) as f:
-            shards = set(json.load(f).get("weight_map", {}).values())
-        if not all(cached(f"{part}/{s}") for s in shards):
-            return False
-    return all(cached(f) for f in ("vae/config.json", "text_encoder/config.json", "scheduler/scheduler_config.json"))
-
-
-def repo_cache_dir(repo: str) -> Path:
-    from huggingface_hub import constants
-    return Path(constants.HF_HUB_CACHE) / ("models--" + repo.replace("/", "--"))
-
-
-def cached_bytes(repo: str) -> int:
-    blobs = repo_cache_dir(repo) / "blobs"
-    if not blobs.is_dir():
-        return 0
-    return sum(f.stat().st_size for f in blobs.iterdir() if f.is_file())
-
-
-_CHILD = """
-import sys
-from mlx_crepulse import weights
-repo = sys.argv[1]
-try:
-    from huggingface_hub import HfApi
-    info = HfApi().model_info(repo, files_metadata=True)
-    import fnmatch
-    total = sum(s.size or 0 for s in info.siblings
-                if any(fnmatch.fnmatch(s.rfilename, p) for p in weights.HUB_PATTERNS))
-    print("total", total, flush=True)
-except Exception:
-    pass
-try:
-    print("done", weights.download(repo, progress=False), flush=True)
-except weights.WeightsError as e:
-    print("error", e, flush=True)
-    sys.exit(2)
-"""
+    return None if hub.is_downloaded(repo) else f"{label(source)} is not downloaded yet"
 
 
 class Downloader(QObject):
@@ -194,7 +133,7 @@ class Downloader(QObject):
         p.finished.connect(self._ended)
         p.errorOccurred.connect(self._error)
         self.process = p
-        p.start(sys.executable, ["-c", _CHILD, repo])
+        p.start(sys.executable, ["-m", "mlx_crepulse.hub", repo])
         self._timer.start()
 
     def stop(self):
@@ -213,7 +152,7 @@ class Downloader(QObject):
                     pass
 
     def _poll(self):
-        done = cached_bytes(self.repo)
+        done = hub.cached_bytes(self.repo)
         self.progress.emit(min(done, self.total) if self.total else done, self.total)
 
     def _error(self, error):

@@ -10,13 +10,18 @@
 - run again: a stored recipe, exactly, from the history's settings and inputs.
 """
 
-import random
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image as PILImage
 
+from mlx_crepulse import Blend, Recipe, Repulsion, random_seed
+
 from .worker import Job, Mix
+
+# What a new batch takes over from the batch it refines; seeds, n, method and inputs are its own.
+SETTINGS = ("prompt", "steps", "guidance", "true_cfg", "negative_prompt", "width", "height", "max_sequence_length",
+            "model", "quantize")
 
 
 @dataclass(frozen=True)
@@ -40,19 +45,17 @@ UPSCALE_MAX_SIDE = 2048  # FLUX.1 is trained up to about 2 megapixels
 ALPHA_RANGE = (-0.5, 1.5)
 
 
-def new_seed(n: int = 1) -> int:
-    return random.SystemRandom().randrange(2**31 - 1 - n)
+new_seed = random_seed
 
 
-def from_recipe(recipe: dict, **over) -> Job:
-    """A job with a batch's model and generation settings (prompt, steps, size, guidance...)."""
-    kw = dict(source=recipe["model"], prompt=recipe["prompt"], n=recipe["n"], seed=recipe["seed"],
-              quantize=recipe.get("quantize"), steps=recipe.get("steps"), width=recipe.get("width"),
-              height=recipe.get("height"), guidance=recipe.get("guidance"),
-              max_sequence_length=recipe.get("max_sequence_length"), true_cfg=recipe.get("true_cfg"),
-              negative_prompt=recipe.get("negative_prompt"))
-    kw.update(over)
-    return Job(**kw)
+def from_recipe(recipe: dict, n: int, seed: int, diversity=None, method=None, blend=None, strength=None,
+                width=None, height=None, low_memory=False, **job) -> Job:
+    """A job with a stored batch's model and generation settings (prompt, steps, size, guidance...),
+    its own seeds, diversity and blend, and the job's inputs and notes (`job`: Job fields)."""
+    settings = {k: recipe.get(k) for k in SETTINGS}
+    settings.update({k: v for k, v in (("width", width), ("height", height)) if v is not None})
+    return Job(Recipe(**settings, n=n, seed=seed, diversity=diversity, method=method, blend=blend, strength=strength),
+               low_memory=low_memory, **job)
 
 
 def noise_of(history, image):
@@ -76,11 +79,11 @@ def vary(history, image, variation: Variation, n: int, seed: int = None, low_mem
     base = noise_of(history, image)
     replay, note = {}, dict(mix=variation.mix)
     if variation.replay and _blendable(batch) is not None:  # an upscale has no noise-only batch to replay
-        replay = dict(blend=dict(alphas=[0.0] * (n - 2), steps=0), sources=blend_sources(history, image.id, image.id))
+        replay = dict(blend=Blend([0.0] * (n - 2), blended_steps=0), sources=blend_sources(history, image.id, image.id))
         note.update(a=image.id, b=image.id)  # where `rerun` finds the favourite again
     return from_recipe(batch.recipe, kind=variation.kind, n=n, seed=seed, low_memory=low_memory,
                        noise=[Mix(base, seed + i, variation.mix) for i in range(n)],
-                       diversity=variation.diversity, parent_image=image.id, **replay,
+                       diversity=variation.diversity, method=Repulsion(), parent_image=image.id, **replay,
                        labels=[f"variation {i + 1}" for i in range(n)], note=note)
 
 
@@ -125,7 +128,7 @@ def blend(history, a, b, alphas, low_memory=False) -> Job:
         raise ValueError("an upscaled image cannot be blended: blend the favourites it was upscaled from")
     na, nb = noise_of(history, a), noise_of(history, b)
     return from_recipe(batch.recipe, kind="blend", n=2 + len(alphas), seed=int(a.seed), low_memory=low_memory,
-                       noise=[na, nb] + [na] * len(alphas), blend=dict(alphas=alphas, steps=BLEND_STEPS),
+                       noise=[na, nb] + [na] * len(alphas), blend=Blend(alphas, blended_steps=BLEND_STEPS),
                        sources=blend_sources(history, a.id, b.id),
                        parent_image=a.id, labels=["A", "B"] + [f"\u03b1 = {x:.2f}" for x in alphas],
                        note=dict(a=a.id, b=b.id, alphas=alphas))
@@ -166,14 +169,14 @@ def upscale(history, image, factor: int = 2, strength: float = UPSCALE_STRENGTH,
 
 def rerun(history, batch, low_memory=False) -> Job:
     """A stored batch's recipe, exactly: its settings, diversity method, blend, noise, reference, image."""
-    r = batch.recipe
+    stored = {k: v for k, v in batch.recipe.items() if k != "app"}
+    if isinstance(stored.get("method"), dict):  # the reference set is in the batch's inputs, not the recipe
+        stored["method"] = {k: v for k, v in stored["method"].items() if k != "reference_size"}
     inputs = history.inputs(batch.id)
     latents = inputs.get("latents")
     labels = [im.label for im in batch.images] if any(im.label for im in batch.images) else None
     # a blend's or a variation's favourites, recorded again from their own batches
-    sources = blend_sources(history, batch.note["a"], batch.note["b"]) if r.get("blend") else None
-    return from_recipe(r, kind="rerun", low_memory=low_memory, repulsion=r.get("repulsion"),
-                       reference=inputs.get("reference"), blend=r.get("blend"), sources=sources,
-                       noise=list(latents) if latents is not None else None, image=inputs.get("image"),
-                       strength=r.get("strength") or 0.6, parent_image=r.get("app", {}).get("parent_image"),
-                       labels=labels, note=dict(of_batch=batch.id))
+    sources = blend_sources(history, batch.note["a"], batch.note["b"]) if stored.get("blend") else None
+    return Job(Recipe.from_dict(stored), kind="rerun", low_memory=low_memory, reference=inputs.get("reference"),
+               sources=sources, noise=list(latents) if latents is not None else None, image=inputs.get("image"),
+               parent_image=batch.note.get("parent_image"), labels=labels, note=dict(of_batch=batch.id))

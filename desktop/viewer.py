@@ -41,11 +41,11 @@ def recipe_fields(recipe: dict, image=None) -> list:
 
 def diversity_text(recipe: dict) -> str:
     """'moderate (scale 5.7e+08)', 'off', or the method's own description for other methods."""
-    method = recipe.get("repulsion")
+    method = recipe.get("method")
     d = recipe.get("app", {}).get("diversity")
     if method is None:
         return "off"
-    if method.get("method") == "Repulsion" and d is not None:
+    if isinstance(method, dict) and method.get("name") == "contextual" and d is not None:
         return f"{diversity_words(tick_of(d))} (scale {method['scale']:.2g})"
     return metadata.describe_method(method)
 

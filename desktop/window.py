@@ -13,6 +13,8 @@ from PySide6.QtGui import QAction, QColor, QKeySequence, QPalette, QShortcut
 from PySide6.QtWidgets import (QFrame, QHBoxLayout, QLabel, QMainWindow, QMessageBox, QProgressBar,
                                QPushButton, QSplitter, QTabWidget, QToolBar, QVBoxLayout, QWidget)
 
+from mlx_crepulse import RecipeError
+
 from . import models, refine, worker
 from .blend import BlendDialog
 from .controls import Form
@@ -110,6 +112,12 @@ class MainWindow(QMainWindow):
         self.defaults = {}  # source -> the model's defaults, once loaded
         self.ask = lambda title, text: QMessageBox.question(self, title, text) == QMessageBox.StandardButton.Yes
 
+        self._lay_out()
+        self._wire()
+        self._restore()
+
+    def _lay_out(self):
+        """The form at the left; the Batch and History tabs, the banner and the progress row at the right."""
         self.form = Form(self.settings)
         self.form.setMinimumWidth(300)
         self.form.setMaximumWidth(380)
@@ -168,7 +176,7 @@ class MainWindow(QMainWindow):
         self.setCentralWidget(split)
         self._make_actions()
 
-        # wiring
+    def _wire(self):
         self.form.generate_requested.connect(self.generate)
         self.form.model_changed.connect(self.update_model_state)
         self.form.download_requested.connect(self.download)
@@ -195,6 +203,8 @@ class MainWindow(QMainWindow):
         for signal, slot in self._connections:
             signal.connect(slot)
 
+    def _restore(self):
+        """Preferences, geometry, and the latest batch of the history on screen."""
         self.form.restore()
         geometry = self.settings.value("window/geometry")
         if isinstance(geometry, QByteArray) and not geometry.isEmpty():
@@ -278,17 +288,17 @@ class MainWindow(QMainWindow):
     # --- generating --------------------------------------------------------------------------------
 
     def generate(self):
-        f = self.form.job_fields()
-        if not f["prompt"]:
+        if not self.form.prompt_text():
             self.banner.show_message("Write a prompt first: describe the image you want.", "warn")
             self.form.prompt.setFocus()
             return False
-        if f["diversity"] is not None and f["n"] < 2:
-            f["diversity"] = None  # one image has nothing to be pushed away from
-        if f["seed"] is None:
-            f["seed"] = refine.new_seed(f["n"])
+        try:
+            recipe = self.form.recipe()
+        except RecipeError as e:
+            self.banner.show_message(str(e), "warn")
+            return False
         self.form.save()
-        return self.start(Job(**f))
+        return self.start(Job(recipe, low_memory=self.form.low_memory.isChecked()))
 
     def start(self, job: Job) -> bool:
         """Check the model (on disk? enough memory?) and hand the job to the engine thread."""

@@ -1,9 +1,9 @@
 """The engine thread: one QThread per process owns the model and does all of MLX's work.
 
-The window never touches MLX. It submits a `Job` (a description: prompt, model, sizes, diversity,
-noise to start from...); the engine thread loads the model if needed, resolves what depends on it
-(the diversity knob -> a repulsion scale from the model's recommended range, seeds -> noise, noise
-mixing), runs `Pipeline.generate` with a callback, saves the batch to the history (files first, then
+The window never touches MLX. It submits a `Job` (a `Recipe` and the inputs a recipe cannot hold:
+noise to start from, a reference set, a blend's sources); the engine thread loads the model if
+needed, resolves the recipe for it (`Pipeline.resolve`: the model's defaults, the diversity knob), makes
+the noise, runs `Pipeline.generate` with a callback, saves the batch to the history (files first, then
 rows) and reports back through Qt signals (queued into the GUI thread):
 
     status(str)                 loading a model, saving...
@@ -23,14 +23,14 @@ one per window) loads and runs every pipeline; windows come and go and connect t
 
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Optional
 
 import numpy as np
 from PySide6.QtCore import QObject, QThread, Signal, Slot
 from PySide6.QtGui import QImage
 
-from mlx_crepulse import Blend, Cancelled, Pipeline, WeightsError, metadata, mix_noise
+from mlx_crepulse import Blend, Cancelled, Pipeline, Recipe, Repulsion, WeightsError, mix_noise
 
 
 @dataclass
@@ -43,33 +43,36 @@ class Mix:
 
 @dataclass
 class Job:
-    """One batch to make. Noise specs (`noise`, one per image) are arrays, int seeds or `Mix`; None
-    means the seeds seed, seed+1, ... as `generate` does by itself."""
-    source: str
-    prompt: str
-    n: int
-    seed: int
-    quantize: Optional[int] = None
+    """One batch to make: its Recipe, and what a recipe cannot hold. Noise specs (`noise`, one per image)
+    are arrays, int seeds or `Mix`; None means the recipe's seeds. `reference`: signatures of images seen
+    already, to push away from. `sources`: a blend's A and B, as (the job of the batch each was made in,
+    its index)."""
+    recipe: Recipe
     low_memory: bool = False
     kind: str = "generate"
-    steps: Optional[int] = None
-    width: Optional[int] = None
-    height: Optional[int] = None
-    guidance: Optional[float] = None
-    max_sequence_length: Optional[int] = None
-    true_cfg: Optional[float] = None
-    negative_prompt: Optional[str] = None
-    diversity: Optional[float] = None  # 0..1 on the model's recommended range; None: plain seeds
-    repulsion: Optional[dict] = None  # explicit Repulsion settings (a recipe run again); wins over diversity
-    reference: Optional[np.ndarray] = None  # signatures of images seen already: push away from them
-    blend: Optional[dict] = None  # Blend settings (alphas, steps)
-    sources: Optional[list] = None  # a blend's A and B: (the job of the batch each was made in, its index)
+    reference: Optional[np.ndarray] = None
+    sources: Optional[list] = None
     noise: Optional[list] = None
     image: Optional[np.ndarray] = None  # uint8 (n, H, W, 3): image to image
-    strength: float = 0.6
     parent_image: Optional[int] = None
     labels: Optional[list] = None
     note: dict = field(default_factory=dict)
+
+    @property
+    def source(self) -> str:
+        return self.recipe.model
+
+    @property
+    def quantize(self) -> Optional[int]:
+        return self.recipe.quantize
+
+    @property
+    def prompt(self) -> str:
+        return self.recipe.prompt
+
+    @property
+    def n(self) -> int:
+        return self.recipe.n
 
     @property
     def model_key(self):
@@ -129,22 +132,17 @@ class _Runner(QObject):
             self.status.emit(f"loading {job.source}" + (f" ({job.quantize}-bit)" if job.quantize else "") + " ...")
             self.pipe = Pipeline.from_pretrained(job.source, quantize=job.quantize, low_memory=job.low_memory)
             self.key = job.model_key
-            self.loaded.emit(job.source, dict(self.pipe.defaults.__dict__))
+            self.loaded.emit(job.source, asdict(self.pipe.defaults))
         return self.pipe
 
     def _run(self, job: Job, history):
         pipe = self.load(job)
         if self.cancel_flag.is_set():
             raise Cancelled()
-        limit = job.max_sequence_length or pipe.defaults.max_sequence_length
-        tokens = pipe.token_count(job.prompt)
-        if tokens > limit:
-            self.warning.emit(f"The prompt is {tokens} tokens long and this model reads {limit}: the end of it is "
+        recipe = self._recipe(pipe, job)
+        for what, count, limit in pipe.files.token_overflow(recipe):
+            self.warning.emit(f"The {what} is {count} tokens long and this model reads {limit}: the end of it is "
                               "ignored.")
-        kw = self._arguments(pipe, job)
-        if job.blend:
-            self.status.emit("recording the favourites in their batches ...")
-            kw["blend"] = self._blend(pipe, job)
         self.status.emit("generating ...")
         last = {"t": 0.0, "cost": 0.0}
 
@@ -161,16 +159,17 @@ class _Runner(QObject):
                 last["t"] = time.perf_counter()
             return not self.cancel_flag.is_set()
 
-        result = pipe.generate(job.prompt, callback=callback, **kw)
+        latents, image = self._inputs(pipe, job, recipe)
+        result = pipe.generate(recipe, callback=callback, latents=latents, image=image)
         self.status.emit("saving ...")
         inputs = {}
-        if kw["latents"] is not None:
+        if latents is not None:
             inputs["latents"] = result.noise
         if job.reference is not None:
             inputs["reference"] = np.asarray(job.reference, np.float16)
         if job.image is not None:
             inputs["image"] = np.asarray(job.image, np.uint8)
-        note = dict(job.note, diversity=job.diversity)
+        note = dict(job.note, diversity=job.recipe.diversity)
         try:
             batch_id = history.add_batch(result, kind=job.kind, note=note, parent_image=job.parent_image,
                                          inputs=inputs, labels=job.labels)
@@ -178,38 +177,38 @@ class _Runner(QObject):
             history.close()  # this thread's connection; windows come and go, the thread stays
         self.finished.emit(batch_id)
 
-    def _arguments(self, pipe, job: Job) -> dict:
-        """generate()'s arguments for a job, but its prompt, callback and blend."""
-        d = pipe.defaults
-        width, height = job.width or d.width, job.height or d.height
-        repulsion = None
-        if job.repulsion is not None:  # a stored method's settings; its reference set comes with the job
-            repulsion = metadata.method_from_dict({k: v for k, v in job.repulsion.items() if k != "reference_size"})
-            if job.reference is not None:
-                repulsion.reference = job.reference
-        elif job.diversity is not None or job.reference is not None:
-            repulsion = d.repulsion(job.diversity or 0.0, reference=job.reference)
+    def _recipe(self, pipe, job: Job) -> Recipe:
+        """The job's recipe resolved for the model, with its reference set and its blend's recordings."""
+        recipe = pipe.resolve(job.recipe)
+        if job.reference is not None:  # push away from images seen already, at the job's diversity
+            method = recipe.method if isinstance(recipe.method, Repulsion) else pipe.defaults.repulsion(0.0)
+            recipe = replace(recipe, method=replace(method, reference=job.reference))
+        if recipe.blend is not None:
+            self.status.emit("recording the favourites in their batches ...")
+            recipe = replace(recipe, blend=self._blend(pipe, job, recipe.blend))
+        return recipe
+
+    def _inputs(self, pipe, job: Job, recipe: Recipe):
+        """The job's initial noise (None: the recipe's seeds) and start image as generate takes them."""
         latents = None
         if job.noise is not None:
-            latents = np.stack([self._noise(pipe, spec, width, height) for spec in job.noise]).astype(np.float32)
+            latents = np.stack([self._noise(pipe, spec, recipe.width, recipe.height) for spec in job.noise])
+            latents = latents.astype(np.float32)
         image = None if job.image is None else np.asarray(job.image, np.float32) / 255.0
-        return dict(n=job.n, seed=job.seed, steps=job.steps, guidance=job.guidance, width=width, height=height,
-                    max_sequence_length=job.max_sequence_length, repulsion=repulsion, latents=latents,
-                    negative_prompt=job.negative_prompt, true_cfg=job.true_cfg, image=image, strength=job.strength)
+        return latents, image
 
-    def _blend(self, pipe, job: Job) -> Blend:
+    def _blend(self, pipe, job: Job, blend: Blend) -> Blend:
         """The job's Blend, with A and B recorded from the batches they were made in (so that they come out
         as they were, repulsion and all); a source that is itself a blend is replayed from its own sources."""
         recordings = {}
         for src in {id(s): s for s, _ in job.sources}.values():  # one recording run per source batch
             rows = sorted({i for s, i in job.sources if s is src})
-            kw = self._arguments(pipe, src)
-            if src.blend:
-                kw["blend"] = self._blend(pipe, src)
-            made = pipe.record(src.prompt, rows, record_steps=job.blend["steps"],
-                               callback=lambda p: not self.cancel_flag.is_set(), **kw)
+            recipe = self._recipe(pipe, src)
+            latents, image = self._inputs(pipe, src, recipe)
+            made = pipe.record(recipe, rows, record_steps=blend.blended_steps, latents=latents, image=image,
+                               callback=lambda p: not self.cancel_flag.is_set())
             recordings.update({(id(src), i): rec for i, rec in zip(rows, made)})
-        return Blend(**job.blend, sources=tuple(recordings[(id(s), i)] for s, i in job.sources))
+        return replace(blend, sources=tuple(recordings[(id(s), i)] for s, i in job.sources))
 
     @staticmethod
     def _noise(pipe, spec, width, height) -> np.ndarray:

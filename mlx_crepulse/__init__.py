@@ -1,9 +1,14 @@
 """mlx-crepulse: FLUX.1 in MLX with contextual repulsion, for varied batches of images on Apple Silicon."""
 
-from .pipeline import Cancelled, Defaults, Pipeline, Progress, Result, __version__
-from .repulsion import CADS, Blend, ParticleGuidance, Repulsion, signature, vendi_score
+from .defaults import Defaults, DefaultsError
+from .pipeline import Cancelled, NotFinite, Pipeline, Progress, Result
+from .recipe import DEFAULT_DIVERSITY, RANDOM_SEED, Recipe, RecipeError, random_seed
+from .recipe import migrate as migrate_recipe
+from .repulsion import CADS, Blend, ParticleGuidance, Recording, Repulsion, signature, vendi_score
 from .sampling import mix_noise
+from .version import __version__
 from .weights import WeightsError
 
-__all__ = ["Pipeline", "Repulsion", "ParticleGuidance", "CADS", "Blend", "Result", "Progress", "Defaults",
-           "Cancelled", "WeightsError", "vendi_score", "signature", "mix_noise", "__version__"]
+__all__ = ["Pipeline", "Recipe", "Repulsion", "ParticleGuidance", "CADS", "Blend", "Recording", "Result",
+           "Progress", "Defaults", "Cancelled", "NotFinite", "RecipeError", "DefaultsError", "WeightsError", "vendi_score",
+           "signature", "mix_noise", "random_seed", "migrate_recipe", "DEFAULT_DIVERSITY", "RANDOM_SEED", "__version__"]

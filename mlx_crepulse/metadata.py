@@ -3,74 +3,57 @@
 Two text chunks per PNG:
 - `parameters`: the recipe in the AUTOMATIC1111 format that image browsers and prompt readers
   understand (the prompt, an optional "Negative prompt:" line, then "Key: value, ..." settings);
-- `crepulse`: the recipe as JSON, everything needed to make the same image again: the generation
-  settings of the batch (`Result.settings`: prompt, n, batch seed, steps, guidance, size, sequence
-  length, true CFG, the diversity method with every setting, model, quantization, package version),
-  plus `index` (the image's position in its batch, None for a contact sheet) and `image_seed`.
+- `crepulse`: the recipe as JSON (`Recipe.to_dict()`, with its schema version), everything needed to
+  make the same image again, plus `index` (the image's position in its batch, None for a contact
+  sheet) and `image_seed`.
 
 Repulsion couples the images of a batch, so one image is reproduced by re-running its whole batch
 (same n, same batch seed) and taking image `index`.
 """
 
-import dataclasses
 import json
 import os
+import re
+import unicodedata
 from pathlib import Path
 from typing import Optional
 
-from .repulsion import CADS, ParticleGuidance, Repulsion
-
 CHUNK = "crepulse"
 PARAMETERS = "parameters"
-METHODS = {"Repulsion": Repulsion, "ParticleGuidance": ParticleGuidance, "CADS": CADS}
-METHOD_NAMES = {"Repulsion": "contextual", "ParticleGuidance": "particle", "CADS": "cads"}
 
 
-# --- the method object <-> its dict -----------------------------------------------------------------------
-
-def method_from_dict(d: Optional[dict]):
-    """Rebuild a diversity method (`Repulsion`, `ParticleGuidance`, `CADS`) from its `to_dict()`;
-    None stays None. Raises ValueError for what cannot be rebuilt."""
-    if d is None:
-        return None
-    d = dict(d)
-    name = d.pop("method", None)
-    cls = METHODS.get(name)
-    if cls is None:
-        raise ValueError(f"unknown diversity method {name!r} (known: {', '.join(METHODS)})")
-    if d.pop("reference_size", None):
-        raise ValueError("this batch was pushed away from reference images whose signatures are not stored "
-                         "in the file, so it cannot be made again from the file alone")
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - fields)
-    if unknown:
-        raise ValueError(f"unknown {name} setting(s) {', '.join(unknown)}: the file was made by another "
-                         "version of mlx-crepulse")
-    if isinstance(d.get("blocks"), tuple):
-        d["blocks"] = list(d["blocks"])
-    return cls(**d)
+def slug(text: str, limit: int = 48) -> str:
+    """A file-name stem from a prompt: lowercase ASCII words joined by '-', cut at a word boundary."""
+    text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode().lower()
+    s = re.sub(r"[^a-z0-9]+", "-", text).strip("-")
+    if len(s) > limit:
+        s = s[:limit].rsplit("-", 1)[0] or s[:limit]
+    return s or "image"
 
 
 def describe_method(d: Optional[dict]) -> str:
-    """A short human description of a method dict: 'contextual scale=1e+08 iterations=50 steps=1 blocks=all'."""
+    """A short human description of a recipe's method dict (schema 2):
+    'contextual scale=1e+08 iterations=50 repelled steps=1 blocks=all'."""
     if not d:
         return "none"
-    name = METHOD_NAMES.get(d.get("method"), str(d.get("method")))
-    if d.get("method") == "Repulsion":
+    if isinstance(d, str):
+        return d
+    name = d.get("name")
+    if name == "contextual":
         blocks = d.get("blocks")
-        blocks = blocks if isinstance(blocks, str) else "+".join(str(b) for b in blocks)
-        parts = [f"scale={_num(d.get('scale'))}", f"iterations={d.get('iterations')}", f"steps={d.get('steps')}",
-                 f"blocks={blocks}"]
+        blocks = blocks if isinstance(blocks, str) else "+".join(str(b) for b in blocks or [])
+        parts = [f"scale={_num(d.get('scale'))}", f"iterations={d.get('iterations')}",
+                 f"repelled steps={d.get('repelled_steps')}", f"blocks={blocks}"]
         if d.get("tokens", "text") != "text":
             parts.append(f"tokens={d['tokens']}")
-    elif d.get("method") == "ParticleGuidance":
+    elif name == "particle":
         parts = [f"scale={_num(d.get('scale'))}", f"until={_num(d.get('until'))}"]
-    elif d.get("method") == "CADS":
+    elif name == "cads":
         parts = [f"noise_scale={_num(d.get('noise_scale'))}", f"tau1={_num(d.get('tau1'))}",
                  f"tau2={_num(d.get('tau2'))}"]
     else:
         parts = []
-    return " ".join([name] + parts)
+    return " ".join([str(name)] + parts)
 
 
 def _num(v) -> str:
@@ -103,7 +86,7 @@ def a1111_parameters(recipe: dict) -> str:
     fields += [("Batch size", recipe.get("n"))]
     if recipe.get("index") is not None:
         fields.append(("Batch pos", recipe["index"]))
-    fields += [("Batch seed", recipe.get("seed")), ("Diversity", describe_method(recipe.get("repulsion"))),
+    fields += [("Batch seed", recipe.get("seed")), ("Diversity", describe_method(recipe.get("method"))),
                ("Version", f"mlx-crepulse {recipe.get('version')}")]
     lines.append(", ".join(f"{k}: {_quote(v)}" for k, v in fields if v is not None))
     return "\n".join(lines)

@@ -6,73 +6,32 @@ acts through three narrow points of the sampler: the text condition (CADS), a ho
 transformer's blocks (repulsion, blending), and the velocity (particle guidance).
 """
 
+import functools
 import time
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Callable, Optional
 
 import mlx.core as mx
 import numpy as np
 
-from . import memory, sampling, weights
+from . import cpu, memory, sampling, weights
 from .models import autoencoder, clip, t5
 from .models.flux import FluxTransformer
-from .repulsion import Blend, Method, Recording, Repulsion, signature
-from .tokenizer import Tokenizer
-
-__version__ = "0.1.0"
-
+from .model_folder import ModelFolder
+from .recipe import Recipe, RecipeError
+from .repulsion import Recording, Repulsion, signature
 
 VAE_TILE = 32  # latent pixels (256 image pixels for FLUX) per tile in the low-memory mode's decode
-
-
-DEFAULT_DIVERSITY = 0.5  # the diversity knob's default (CLI and app): the recommended range's geometric middle
 
 
 class Cancelled(Exception):
     """Raised by `generate` when its callback asked to stop; nothing half-done is returned."""
 
 
-@dataclass
-class Defaults:
-    """A model's own defaults; a folder's `crepulse.json` overrides the ones FLUX.1's configs imply."""
-    steps: int = 4
-    guidance: Optional[float] = None  # the embedded guidance of dev-like models
-    true_cfg: float = 1.0
-    negative_prompt: str = ""
-    width: int = 1024
-    height: int = 1024
-    max_sequence_length: int = 256
-    repulsion_scale_range: tuple = (1e8, 5e9)  # what the 0..1 diversity knob maps onto (log scale)
-    repulsion_iterations: int = 50
-    repulsion_steps: int = 1
-
-    @classmethod
-    def for_model(cls, folder: Path, transformer_config: dict) -> "Defaults":
-        if transformer_config.get("guidance_embeds"):  # FLUX.1-dev: the paper's settings
-            d = cls(steps=20, guidance=3.5, max_sequence_length=512)
-        else:  # FLUX.1-schnell
-            d = cls()
-        extra = folder / "crepulse.json"
-        if extra.exists():
-            known = {k: v for k, v in weights.read_json(extra).items() if k in cls.__dataclass_fields__}
-            d = cls(**{**d.__dict__, **known})
-        d.repulsion_scale_range = tuple(d.repulsion_scale_range)
-        return d
-
-    def repulsion_scale(self, diversity: float) -> float:
-        """The diversity knob -> a repulsion scale, log scale over `repulsion_scale_range`: 0 its low end,
-        0.5 its geometric middle (the recommended scale), 1 its high end, past 1 extrapolated; 3 significant
-        digits, as recipes record it."""
-        lo, hi = self.repulsion_scale_range
-        return float(f"{lo * (hi / lo) ** float(diversity):.3g}")
-
-    def repulsion(self, diversity: float = DEFAULT_DIVERSITY, **overrides) -> Repulsion:
-        """Contextual repulsion at a diversity, with this model's iterations and repelled steps
-        (`overrides`: any other Repulsion field, e.g. blocks or reference)."""
-        return Repulsion(**{"scale": self.repulsion_scale(diversity), "iterations": self.repulsion_iterations,
-                            "steps": self.repulsion_steps, **overrides})
+class NotFinite(ValueError):
+    """A step produced NaN or infinite values; the message names the likely cause."""
 
 
 @dataclass
@@ -101,24 +60,46 @@ class Result:
     seeds: list
     noise: np.ndarray  # the initial packed noise of each image, (n, tokens, channels)
     signatures: np.ndarray  # one compact contextual signature per image (float16), see repulsion.signature
-    settings: dict  # everything needed to run the call again
+    recipe: Recipe  # resolved: everything needed to run the call again (with the same inputs)
     seconds: float = 0.0
 
 
+@dataclass
+class Run:
+    """What a call needs before its first step (`Pipeline._begin`)."""
+    recipe: Recipe
+    x: mx.array  # the latents to start from
+    noise: mx.array  # the initial noise
+    sigmas: list
+    txt: mx.array
+    pooled: mx.array
+    neg: Optional[tuple]  # the negative prompt's encodings, with true CFG
+    rows: int
+    cols: int
+
+    @property
+    def steps(self) -> int:
+        return len(self.sigmas) - 1
+
+
 class Pipeline:
-    def __init__(self, transformer, text_encoder, text_encoder_2, vae, tokenizer, tokenizer_2,
-                 scheduler_config: dict, defaults: Defaults, source: str = "", quantize=None,
+    def __init__(self, files: ModelFolder, transformer, text_encoder, text_encoder_2, vae, quantize=None,
                  reload_encoders: Optional[Callable] = None):
+        self.files = files
         self.transformer, self.vae = transformer, vae
         self.text_encoder, self.text_encoder_2 = text_encoder, text_encoder_2
-        self.tokenizer, self.tokenizer_2 = tokenizer, tokenizer_2
-        self.scheduler_config, self.defaults = scheduler_config, defaults
-        self.source, self.quantize = source, quantize
+        self.tokenizer, self.tokenizer_2 = files.tokenizer, files.tokenizer_2
+        self.scheduler_config, self.defaults = files.scheduler, files.defaults
+        self.source, self.quantize = files.source, quantize
         self.vae_scale = 2 ** (len(vae.config["block_out_channels"]) - 1)
         self.dtype = _dtype_of(transformer)  # compute dtype: the weights' (quantized: the scales')
         self._reload_encoders = reload_encoders  # set in low-memory mode: encoders are freed after use
         self.low_memory = reload_encoders is not None
         self._prompt_cache = {}
+        self._forward = transformer
+        if mx.default_device() == mx.cpu:  # the CPU's own kernels and two streams (cpu.py)
+            cpu.install()
+            self._forward = functools.partial(cpu.forward, transformer)
 
     # --- loading ---------------------------------------------------------------------------------------
 
@@ -131,26 +112,22 @@ class Pipeline:
         the machine's memory cannot hold it, before reading the weights, unless `force`."""
         if quantize not in (None, 4, 8):
             raise ValueError(f"quantize must be None, 4 or 8 (bits), not {quantize!r}")
-        folder = weights.resolve(source, progress=progress)
-        index = weights.read_json(folder / "model_index.json")
-        missing = [c for c in weights.COMPONENTS if c not in index or not (folder / c).is_dir()]
-        if missing:
-            raise weights.WeightsError(f"{folder} is not a complete FLUX pipeline: missing {', '.join(missing)}")
-        # Everything cheap is checked before the first of many gigabytes is read: every config, every
-        # weight file an index lists, the tokenizers and the scheduler.
-        configs = {name: weights.read_json(folder / name / "config.json")
-                   for name in ("transformer", "text_encoder", "text_encoder_2", "vae")}
-        for name in configs:
-            weights.weight_files(folder / name)
-        tokenizer, tokenizer_2 = (_tokenizer(folder / name) for name in ("tokenizer", "tokenizer_2"))
-        scheduler = weights.read_json(folder / "scheduler" / "scheduler_config.json")
-        memory.check(folder, quantize, low_memory, force)
+        files = ModelFolder.open(source, progress=progress)
+        memory.check_files(files, quantize, low_memory, force)
+        return cls.load(files, quantize, low_memory)
+
+    @classmethod
+    def load(cls, files: ModelFolder, quantize: Optional[int] = None, low_memory: bool = False) -> "Pipeline":
+        """Read the weights of an opened model folder (see `from_pretrained`)."""
+        if files.family != "flux1":  # FLUX.2 [klein] (klein.py): its own components
+            from .klein import KleinPipeline
+            return KleinPipeline.load(files, quantize, low_memory)
 
         def component(name, model_cls, sanitize):
-            config = configs[name]
+            config = files.configs[name]
             saved = config.get("quantization")
             bits = quantize if (name in weights.QUANTIZED and not saved) else None
-            return weights.load_into(model_cls(config), folder / name, sanitize, bits, saved)
+            return weights.load_into(model_cls(config), files.folder / name, sanitize, bits, saved)
 
         def encoders():
             return (component("text_encoder", clip.CLIPTextModel, clip.sanitize),
@@ -159,15 +136,13 @@ class Pipeline:
         transformer = component("transformer", FluxTransformer, None)
         vae = component("vae", autoencoder.AutoencoderKL, autoencoder.sanitize)
         clip_model, t5_model = encoders()
-        defaults = Defaults.for_model(folder, transformer.config)
-        return cls(transformer, clip_model, t5_model, vae, tokenizer, tokenizer_2, scheduler, defaults,
-                   source=str(source), quantize=_saved_bits(transformer.config) or quantize,
+        return cls(files, transformer, clip_model, t5_model, vae, quantize=files.saved_bits or quantize,
                    reload_encoders=encoders if low_memory else None)
 
     def save(self, folder):
         """Write a folder in the diffusers layout that loads again as it is (already quantized, if it is)."""
         folder = Path(folder)
-        src = weights.resolve(self.source)
+        src = self.files.folder
         bits = self.quantize
         q = {"bits": bits, "group_size": weights.GROUP_SIZE} if bits else None
         if self.text_encoder is None:
@@ -198,10 +173,10 @@ class Pipeline:
 
     @property
     def latent_channels(self) -> int:
-        return self.transformer.config.get("in_channels", 64)
+        return self.transformer.params.in_channels
 
     def size_multiple(self) -> int:
-        return max(16, 2 * self.vae_scale)
+        return self.files.size_multiple
 
     def token_count(self, prompt: str) -> int:
         """T5 tokens in a prompt (without truncation), to warn when it exceeds max_sequence_length."""
@@ -246,128 +221,136 @@ class Pipeline:
         z = vae.encode(mx.array(images * 2 - 1).astype(_dtype_of(vae)))
         return sampling.pack((z.astype(mx.float32) - vae.shift_factor) * vae.scaling_factor)
 
-    def generate(self, prompt: str, n: int = 4, seed: Optional[int] = None, steps: Optional[int] = None,
-                 guidance: Optional[float] = None, width: Optional[int] = None, height: Optional[int] = None,
-                 max_sequence_length: Optional[int] = None, repulsion: Optional[Method] = None,
-                 latents=None, output_type: str = "pil", callback: Optional[Callable] = None,
-                 negative_prompt: Optional[str] = None, true_cfg: Optional[float] = None,
-                 blend: Optional[Blend] = None, image=None, strength: float = 0.6) -> Result:
-        """Generate n images of one prompt together. `repulsion` is a diversity method (`Repulsion`,
-        `ParticleGuidance`, `CADS`) or None for plain seeds. `latents`: initial packed noise (n, tokens,
-        channels). `image` + `strength`: start from these images (n, H, W, 3 in [0, 1]) noised to
-        `strength` (image to image, as diffusers' FluxImg2ImgPipeline). `blend`: a `Blend` of two images
-        recorded with `record`. `callback(progress)` runs after each step; returning False cancels (raises
-        `Cancelled`)."""
+    def resolve(self, recipe=None, force: bool = False, **settings) -> Recipe:
+        """A Recipe (or a prompt, or settings alone) with this model's defaults filled in and checked
+        against this model and, unless `force`, this machine's memory: what `generate` runs. Keyword
+        settings replace the recipe's."""
+        if "repulsion" in settings:  # the 0.1 name of the method parameter
+            warnings.warn("generate(repulsion=...) is now generate(method=...)", DeprecationWarning, stacklevel=3)
+            settings["method"] = settings.pop("repulsion")
+        if isinstance(recipe, Recipe):
+            recipe = replace(recipe, **settings) if settings else recipe
+        elif isinstance(recipe, str) or recipe is None:
+            recipe = Recipe(**({"prompt": recipe} if recipe is not None else {}), **settings)
+        else:
+            raise RecipeError(f"generate takes a Recipe or a prompt, not {type(recipe).__name__}")
+        return self.files.resolve(recipe, self.quantize, force)
+
+    def generate(self, recipe=None, callback: Optional[Callable] = None, latents=None, image=None,
+                 output_type: str = "pil", force: bool = False, **settings) -> Result:
+        """Generate a batch of images of one prompt together: `generate(Recipe(...))`, or
+        `generate("a prompt", n=4, method=Repulsion(...), ...)` with any Recipe field as a keyword.
+        `latents`: the initial packed noise (n, tokens, channels) instead of the seeds'. `image`: start
+        from these images (n, H, W, 3 in [0, 1]) noised to the recipe's `strength` (image to image, as
+        diffusers' FluxImg2ImgPipeline). A recipe's `blend` needs its sources recorded with `record`.
+        `callback(progress)` runs after each step; returning False cancels (raises `Cancelled`). A batch
+        that would not fit in this machine's memory is refused (`footprint.TooLarge`) unless `force`."""
         if output_type not in ("pil", "np"):
             raise ValueError(f"output_type must be 'pil' or 'np', not {output_type!r}")
-        run = self._begin(prompt, n, seed, steps, guidance, width, height, max_sequence_length, repulsion,
-                          latents, negative_prompt, true_cfg, image, strength, blend)
+        run = self._begin(self.resolve(recipe, force, **settings), latents, image)
         started = time.perf_counter()
-        sig = x = None
-        for i, x, x0, sig in self.sample(run.x, run.txt, run.pooled, run.neg, run.sigmas, run.guidance,
-                                         run.true_cfg, run.rows, run.cols, repulsion, blend):
-            if callback is not None:
-                p = Progress(i + 1, len(run.sigmas) - 1, time.perf_counter() - started, n, self, x0,
-                             (run.rows, run.cols))
-                if callback(p) is False:
-                    raise Cancelled()
+        x, sig = run.x, None
+        for i, x, x0, sig in self._steps(run, callback, run.steps, started):
+            pass
         pixels = self.decode(x, run.rows, run.cols)
-        settings = dict(run.settings, n=n, seed=run.seed,
-                        repulsion=repulsion.to_dict() if repulsion is not None else None,
-                        blend=blend.to_dict() if blend is not None else None,
-                        model=self.source, quantize=self.quantize, version=__version__)
         images = _to_pil(pixels) if output_type == "pil" else pixels
-        return Result(images, run.seeds, np.array(run.noise), np.array(sig) if sig is not None else None, settings,
+        seeds = [run.recipe.seed + i for i in range(run.recipe.n)]
+        return Result(images, seeds, np.array(run.noise), np.array(sig) if sig is not None else None, run.recipe,
                       time.perf_counter() - started)
 
-    def record(self, prompt: str, rows: list, record_steps: int = 2, callback: Optional[Callable] = None,
-               **kw) -> list:
-        """What the transformer does to images `rows` of the batch `generate(prompt, **kw)` makes, during
+    def record(self, recipe, rows: list, record_steps: int = 2, callback: Optional[Callable] = None,
+               latents=None, image=None, force: bool = False, **settings) -> list:
+        """What the transformer does to images `rows` of the batch `generate(recipe, ...)` makes, during
         its first `record_steps` steps (at least as many as the batch is repelled): a `Recording` per row,
         the sources of a `Blend` (a blend batch can be recorded too: its own blend is replayed). Runs only
         those steps; decodes nothing. `callback(progress)` as for `generate`."""
-        n = kw.get("n", 4)
+        recipe = self.resolve(recipe, force, **settings)
+        n, method, blend = recipe.n, recipe.method, recipe.blend
         bad = [r for r in rows if not (isinstance(r, int) and 0 <= r < n)]
         if bad or not rows:
-            raise ValueError(f"rows to record must be image indices 0 to {n - 1} of the batch, not {bad or rows}")
-        method = kw.get("repulsion")
+            raise RecipeError(f"rows to record must be image indices 0 to {n - 1} of the batch, not {bad or rows}")
         if method is not None and not isinstance(method, Repulsion):
-            raise ValueError(f"{type(method).__name__} acts outside the transformer's blocks, so its images "
-                             "cannot be recorded for blending; only contextual repulsion or plain seeds can")
-        run = self._begin(prompt, **{"n": n, **kw})
-        blend = kw.get("blend")  # what the batch's own edits reach, so that they are all recorded
-        reach = max(method.steps if method is not None else 0, blend.reach if blend is not None else 0)
-        steps = min(max(record_steps, reach), len(run.sigmas) - 1)
-        recordings = [Recording(steps, run.settings) for _ in rows]
+            raise RecipeError(f"{type(method).__name__} acts outside the transformer's blocks, so its images "
+                              "cannot be recorded for blending; only contextual repulsion or plain seeds can")
+        run = self._begin(recipe, latents, image)
+        reach = max(method.repelled_steps if method is not None else 0, blend.reach if blend is not None else 0)
+        steps = min(max(record_steps, reach), run.steps)
+        recordings = [Recording(steps, recipe.trajectory()) for _ in rows]
         if steps == 0:  # nothing to replay: a batch nothing edited, and no contexts asked for
             return recordings
         record = list(zip(recordings, rows))
-        started = time.perf_counter()
-        for i, x, x0, _ in self.sample(run.x, run.txt, run.pooled, run.neg, run.sigmas, run.guidance,
-                                       run.true_cfg, run.rows, run.cols, method, blend, record):
-            mx.eval([a for rec in recordings for a in rec.arrays()])
-            if callback is not None:
-                p = Progress(i + 1, steps, time.perf_counter() - started, n, self, x0, (run.rows, run.cols))
-                if callback(p) is False:
-                    raise Cancelled()
+        for i, *_ in self._steps(run, callback, steps, time.perf_counter(), record):
             if i + 1 >= steps:
                 break
         return recordings
 
-    def _begin(self, prompt, n=4, seed=None, steps=None, guidance=None, width=None, height=None,
-               max_sequence_length=None, repulsion=None, latents=None, negative_prompt=None, true_cfg=None,
-               image=None, strength=0.6, blend=None):
-        """Everything a call needs before its first step: checked settings, initial noise, schedule and
-        text encodings. `settings` are the ones that fix what happens inside the transformer."""
-        d = self.defaults
-        steps = d.steps if steps is None else steps
-        guidance = d.guidance if guidance is None else guidance
-        width, height = width or d.width, height or d.height
-        max_sequence_length = max_sequence_length or d.max_sequence_length
-        true_cfg = d.true_cfg if true_cfg is None else true_cfg
-        negative_prompt = d.negative_prompt if negative_prompt is None else negative_prompt
-        self._check(prompt, n, steps, width, height, true_cfg, strength)
-        if repulsion is not None:
-            repulsion.validate(n, self.transformer)
-        settings = dict(prompt=prompt, steps=steps, guidance=guidance, width=width, height=height,
-                        max_sequence_length=max_sequence_length, true_cfg=true_cfg,
-                        negative_prompt=negative_prompt if true_cfg > 1 else None,
-                        strength=strength if image is not None else None)
-        if blend is not None:
-            blend.validate(n, settings)
-        rows, cols = sampling.latent_grid(width, height, self.vae_scale)
+    def _steps(self, run, callback, steps, started, record=None):
+        """The sampler's steps with the callback's progress and cancelling."""
+        for i, x, x0, sig in self.sample(run, record):
+            if not mx.all(mx.isfinite(x)).item():
+                raise NotFinite(f"step {i + 1} of {run.steps} produced NaN or infinite values: {self._cause(run)}")
+            if record:
+                mx.eval([a for rec, _ in record for a in rec.arrays()])
+            if callback is not None:
+                p = Progress(i + 1, steps, time.perf_counter() - started, run.recipe.n, self, x0, (run.rows, run.cols))
+                if callback(p) is False:
+                    raise Cancelled()
+            yield i, x, x0, sig
+
+    def _cause(self, run: Run) -> str:
+        method, (lo, hi) = run.recipe.method, self.defaults.repulsion_scale_range
+        if isinstance(method, Repulsion) and method.scale > 100 * hi:
+            return (f"the repulsion scale {method.scale:g} is far above this model's range ({lo:g} to {hi:g}); "
+                    "use --diversity, or a scale in that range")
+        return "the model's weights may be damaged (download or convert it again)"
+
+    def _begin(self, recipe: Recipe, latents=None, image=None) -> Run:
+        """Everything a resolved recipe needs before its first step: inputs checked, initial noise,
+        schedule and text encodings."""
+        n = recipe.n
+        if recipe.blend is not None:
+            try:
+                recipe.blend.check_sources(recipe.trajectory())
+            except ValueError as e:
+                raise RecipeError(str(e)) from None
+        rows, cols = sampling.latent_grid(recipe.width, recipe.height, self.vae_scale)
         channels = self.latent_channels
-        if seed is None:
-            seed = int(np.random.default_rng().integers(0, 2**31 - 1))
-        seeds = [seed + i for i in range(n)]
         if latents is None:
-            noise = sampling.noise(seeds, rows * cols, channels)
+            noise = sampling.noise([recipe.seed + i for i in range(n)], rows * cols, channels)
         else:
             noise = mx.array(np.asarray(latents, np.float32))
+            if not np.isfinite(np.asarray(latents, np.float32)).all():
+                raise RecipeError("latents hold NaN or infinite values")
             if noise.shape != (n, rows * cols, channels):
-                raise ValueError(f"latents must have shape {(n, rows * cols, channels)} for n={n} at "
-                                 f"{width}x{height}, not {tuple(noise.shape)}")
-        sigmas = sampling.schedule(steps, rows * cols, self.scheduler_config)
+                raise RecipeError(f"latents must have shape {(n, rows * cols, channels)} for n={n} at "
+                                  f"{recipe.width}x{recipe.height}, not {tuple(noise.shape)}")
+        sigmas = self.schedule(recipe.steps, rows * cols)
         x = noise
+        if (image is None) != (recipe.strength is None):
+            raise RecipeError("image to image needs both an image and a strength (in (0, 1]), or neither")
         if image is not None:  # image to image: skip the noisiest steps, start from the noised image
-            sigmas = sigmas[sampling.image_to_image_start(steps, strength):]
-            x = sigmas[0] * noise + (1 - sigmas[0]) * self.encode_image(np.asarray(image, np.float32))
-        txt, pooled = self.encode(prompt, max_sequence_length)
-        neg = self.encode(negative_prompt, max_sequence_length) if true_cfg > 1 else None
-        return SimpleNamespace(x=x, noise=noise, seed=seed, seeds=seeds, sigmas=sigmas, txt=txt, pooled=pooled,
-                               neg=neg, guidance=guidance, true_cfg=true_cfg, rows=rows, cols=cols, settings=settings)
+            image = np.asarray(image, np.float32)
+            want = (n, recipe.height, recipe.width, 3)
+            if image.shape != want:
+                raise RecipeError(f"the start image must be {want} (n, height, width, RGB), not {image.shape}")
+            if not np.isfinite(image).all():
+                raise RecipeError("the start image holds NaN or infinite values")
+            sigmas = sigmas[sampling.image_to_image_start(recipe.steps, recipe.strength):]
+            x = sigmas[0] * noise + (1 - sigmas[0]) * self.encode_image(image)
+        txt, pooled = self.encode(recipe.prompt, recipe.max_sequence_length)
+        neg = self.encode(recipe.negative_prompt, recipe.max_sequence_length) if recipe.true_cfg > 1 else None
+        return Run(recipe, x, noise, sigmas, txt, pooled, neg, rows, cols)
 
-    def sample(self, x, txt, pooled, neg, sigmas, guidance, true_cfg, rows, cols, method=None, blend=None,
-               record=None):
+    def sample(self, run: Run, record=None):
         """The Euler flow-matching loop; yields (step, latents, predicted clean latents, signatures)
         after each step. With true CFG the conditional and unconditional branches run as one batch of
         2n, and repulsion treats them as two groups. `record`: (Recording, row) pairs to fill."""
-        n = x.shape[0]
+        r, x, sigmas, txt, pooled, neg = run.recipe, run.x, run.sigmas, run.txt, run.pooled, run.neg
+        n, method, blend = r.n, r.method, r.blend
         tf = self.transformer
         groups = 2 if neg is not None else 1
-        txt_ids = mx.zeros((txt.shape[1], 3))
-        pe = tf.pos_embed(txt_ids, sampling.image_ids(rows, cols))
-        g = None if guidance is None or not tf.guidance_embeds else mx.array([guidance], mx.float32)
+        pe = self.positions(txt.shape[1], run.rows, run.cols)
+        g = None if r.guidance is None or not tf.guidance_embeds else mx.array([r.guidance], mx.float32)
         signatures = []
         sig_block = len(tf.transformer_blocks) // 2
         for i in range(len(sigmas) - 1):
@@ -378,14 +361,9 @@ class Pipeline:
             vec = tf.conditioning(t, c_pooled, g)
             x_in = x.astype(self.dtype)
             if neg is not None:
-                u_txt, u_pooled = neg
-                shape = (n,) + txt.shape[1:]
-                c_txt = mx.concatenate([mx.broadcast_to(c_txt, shape), mx.broadcast_to(u_txt, shape)], axis=0)
-                u_vec = tf.conditioning(t, u_pooled, g)
-                vec = mx.concatenate([mx.broadcast_to(vec, (n, vec.shape[-1])),
-                                      mx.broadcast_to(u_vec, (n, vec.shape[-1]))], axis=0)
+                c_txt, vec = self._with_negative(c_txt, vec, neg, n, t, g)
                 x_in = mx.concatenate([x_in, x_in], axis=0)
-            edit = _chain([h for h in (method.hook(i, groups) if method is not None else None,
+            edit = _chain([h for h in (method.hook(i, groups, sig_block) if method is not None else None,
                                        blend.hook(i, groups) if blend is not None else None) if h is not None])
             for rec, row in record or ():  # each recorder sees the activations before and after the edits
                 if i < rec.steps:
@@ -393,9 +371,9 @@ class Pipeline:
             hooks = [edit] if edit is not None else []
             if i == 0:  # record each image's contextual signature once, after any update at that block
                 hooks.append(_capture(sig_block, n, signatures))
-            v = tf(x_in, c_txt, vec, pe, _chain(hooks)).astype(mx.float32)
+            v = self._forward(x_in, c_txt, vec, pe, _chain(hooks)).astype(mx.float32)
             if neg is not None:
-                v = v[n:] + true_cfg * (v[:n] - v[n:])
+                v = v[n:] + r.true_cfg * (v[:n] - v[n:])
             if method is not None:
                 v = method.velocity(i, sigma, x, v)
             x0 = x - sigma * v
@@ -403,30 +381,23 @@ class Pipeline:
             mx.eval(x)
             yield i, x, x0, signatures[0] if signatures else None
 
-    def _check(self, prompt, n, steps, width, height, true_cfg, strength):
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise ValueError("the prompt is empty: describe the image to generate")
-        if not isinstance(n, int) or n < 1:
-            raise ValueError(f"n (the number of images) must be 1 or more, not {n!r}")
-        if not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps must be 1 or more, not {steps!r}")
-        m = self.size_multiple()
-        for name, v in (("width", width), ("height", height)):
-            if not isinstance(v, int) or v < m or v % m:
-                raise ValueError(f"{name} {v!r} must be a positive multiple of {m}")
-        if true_cfg < 1:
-            raise ValueError(f"true_cfg must be 1 (off) or more, not {true_cfg}")
-        if not 0 < strength <= 1:
-            raise ValueError(f"strength must be in (0, 1], not {strength}")
+    def schedule(self, steps: int, image_tokens: int) -> list:
+        """The sigmas of a call (steps + 1 values); a model family may schedule otherwise."""
+        return sampling.schedule(steps, image_tokens, self.scheduler_config)
 
+    def positions(self, text_tokens: int, rows: int, cols: int) -> tuple:
+        """RoPE of the joint sequence (text first); FLUX.1's text positions are all zero."""
+        return self.transformer.pos_embed(mx.zeros((text_tokens, 3)), sampling.image_ids(rows, cols))
 
-def _tokenizer(folder: Path) -> Tokenizer:
-    try:
-        return Tokenizer(folder)
-    except Exception as e:  # transformers raises OSError, ValueError, TypeError... for missing files
-        cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise weights.WeightsError(f"cannot load the tokenizer in {folder}: its files are missing or unreadable; "
-                                   f"download or convert the model again (transformers says: {cause})") from e
+    def _with_negative(self, c_txt, vec, neg, n, t, g):
+        """The conditional and unconditional branches' text and conditioning vectors as one batch of 2n."""
+        u_txt, u_pooled = neg
+        shape = (n,) + c_txt.shape[1:]
+        c_txt = mx.concatenate([mx.broadcast_to(c_txt, shape), mx.broadcast_to(u_txt, shape)], axis=0)
+        u_vec = self.transformer.conditioning(t, u_pooled, g)
+        vec = mx.concatenate([mx.broadcast_to(vec, (n, vec.shape[-1])),
+                              mx.broadcast_to(u_vec, (n, vec.shape[-1]))], axis=0)
+        return c_txt, vec
 
 
 def _capture(block: int, n: int, out: list):
@@ -456,11 +427,6 @@ def _dtype_of(model):
         if mx.issubdtype(v.dtype, mx.floating):
             return v.dtype
     return mx.float32
-
-
-def _saved_bits(config):
-    q = config.get("quantization")
-    return q["bits"] if q else None
 
 
 def _to_pil(pixels: np.ndarray) -> list:

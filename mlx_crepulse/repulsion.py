@@ -11,6 +11,7 @@ to apply the accumulated B x B transform). That is what makes repulsion nearly f
 an approximation (`ascend_direct` runs the textbook loop and the tests compare the two).
 """
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Optional, Union
 
@@ -90,7 +91,10 @@ def entropy(x: mx.array, eps: float = 1e-6) -> mx.array:
 def vendi_score(features, eps: float = 0.0) -> float:
     """The Vendi score of a set of feature vectors (n, d): exp of the entropy of the eigenvalues of
     the normalised cosine-similarity kernel, as in the vendi-score package."""
-    x = np.asarray(features, np.float64).reshape(len(features), -1)
+    x = np.asarray(features, np.float64)
+    if x.ndim == 0 or len(x) == 0 or x[0].size == 0 or not np.isfinite(x).all():
+        raise ValueError(f"vendi_score needs one or more finite feature vectors (n, d), not an array of shape {x.shape}")
+    x = x.reshape(len(x), -1)
     x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
     lam = np.linalg.eigvalsh(x @ x.T / len(x))
     lam = lam[lam > max(eps, 1e-12)]
@@ -158,78 +162,105 @@ def reference_entropy(txt: mx.array, reference: mx.array, eps: float) -> mx.arra
 
 class Method:
     """A way of making a batch diverse. The sampler calls three narrow points; each defaults to nothing."""
+    name = ""  # what recipes call it
 
-    def validate(self, n: int, transformer) -> None:
+    def check(self, n: int) -> None:
+        """Raise ValueError for settings that cannot run on a batch of n (before any work)."""
         if n < 2:
             raise ValueError(f"{type(self).__name__} needs a batch of at least 2 images to push apart, not n={n}")
+
+    def check_model(self, double_blocks: int, width: int) -> None:
+        """Raise ValueError for settings this transformer (its double-block count and width) cannot take."""
 
     def condition(self, step: int, sigma: float, txt: mx.array, pooled: mx.array, n: int):
         """The text condition for this step: T5 states and pooled vector, batch 1 or n."""
         return txt, pooled
 
-    def hook(self, step: int, groups: int):
+    def hook(self, step: int, groups: int, signature_block: int):
+        """The edit between the transformer's blocks at this step (see FluxTransformer), or None."""
         return None
 
     def velocity(self, step: int, sigma: float, x: mx.array, v: mx.array) -> mx.array:
         return v
 
     def to_dict(self) -> dict:
-        d = {k: v for k, v in asdict(self).items() if k != "reference"}
-        d["method"] = type(self).__name__
+        d = {"name": self.name, **{k: v for k, v in asdict(self).items() if k != "reference"}}
         if getattr(self, "reference", None) is not None:
             d["reference_size"] = len(self.reference)
         return d
 
 
+def _need(ok: bool, message: str):
+    if not ok:
+        raise ValueError(message)
+
+
+def _number(v, low=0.0) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and \
+        math.isfinite(float(v)) and float(v) >= low
+
+
+def _count(v, low) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= low
+
+
 @dataclass
 class Repulsion(Method):
-    """Contextual repulsion. `blocks`: "double" (text tokens after each double-stream block), "single"
-    (the whole sequence after each single-stream block), "all", or a list of double-block indices.
+    """Contextual repulsion. `scale` (eta), `iterations` (M) and `repelled_steps` (the first denoising
+    steps that repel): None takes the model's defaults when a recipe is resolved (the scale from its
+    diversity knob). `blocks`: "double" (text tokens after each double-stream block), "single" (the
+    whole sequence after each single-stream block), "all", or a list of double-block indices.
     `tokens="image"` repels the image tokens instead (the paper's ablation). `reference`: signatures
     (R, 256) of images already seen; the batch is also pushed away from the 64 nearest of them."""
-    scale: float = 1e8
-    iterations: int = 50
-    steps: int = 1
+    name = "contextual"
+    scale: Optional[float] = None
+    iterations: Optional[int] = None
+    repelled_steps: Optional[int] = None
     blocks: Union[str, list] = "all"
     eps: float = 1e-6
     tokens: str = "text"
     reference: Optional[np.ndarray] = field(default=None, repr=False)
     reference_scale: Optional[float] = None
 
-    def validate(self, n, transformer):
-        super().validate(n, transformer)
-        if not (isinstance(self.scale, (int, float)) and self.scale >= 0):
-            raise ValueError(f"repulsion scale must be 0 or more, not {self.scale!r}")
-        if not (isinstance(self.iterations, int) and self.iterations >= 1):
-            raise ValueError(f"repulsion iterations must be 1 or more, not {self.iterations!r}")
-        if not (isinstance(self.steps, int) and self.steps >= 0):
-            raise ValueError(f"repulsion steps must be 0 or more, not {self.steps!r}")
-        if self.tokens not in ("text", "image"):
-            raise ValueError(f"repulsion tokens must be 'text' or 'image', not {self.tokens!r}")
-        n_double = len(transformer.transformer_blocks)
-        if isinstance(self.blocks, str):
-            if self.blocks not in ("double", "single", "all"):
-                raise ValueError(f"repulsion blocks must be 'double', 'single', 'all' or a list of double-block "
-                                 f"indices, not {self.blocks!r}")
-        else:
-            bad = [b for b in self.blocks if not isinstance(b, int) or not 0 <= b < n_double]
-            if bad or not self.blocks:
-                raise ValueError(f"repulsion blocks {bad or self.blocks} out of range: this model has double "
-                                 f"blocks 0 to {n_double - 1}")
-        self._sig_block = n_double // 2
+    def __post_init__(self):
+        if isinstance(self.blocks, tuple):
+            self.blocks = list(self.blocks)
+
+    def check(self, n):
+        super().check(n)
+        _need(self.scale is None or _number(self.scale), f"repulsion scale must be a finite number, 0 or more, "
+                                                         f"not {self.scale!r}")
+        _need(self.iterations is None or _count(self.iterations, 1),
+              f"repulsion iterations must be 1 or more, not {self.iterations!r}")
+        _need(self.repelled_steps is None or _count(self.repelled_steps, 0),
+              f"repelled steps must be 0 or more, not {self.repelled_steps!r}")
+        _need(self.tokens in ("text", "image"), f"repulsion tokens must be 'text' or 'image', not {self.tokens!r}")
+        _need(_number(self.eps) and self.eps > 0, f"repulsion eps must be a small positive number, not {self.eps!r}")
+        _need(self.reference_scale is None or _number(self.reference_scale),
+              f"reference scale must be a finite number, 0 or more, not {self.reference_scale!r}")
+        named = isinstance(self.blocks, str) and self.blocks in ("double", "single", "all")
+        listed = isinstance(self.blocks, list) and self.blocks and all(_count(b, 0) for b in self.blocks)
+        _need(named or listed, f"repulsion blocks must be 'double', 'single', 'all' or a list of double-block "
+                               f"indices, not {self.blocks!r}")
+
+    def check_model(self, double_blocks, width):
+        if isinstance(self.blocks, list):
+            bad = [b for b in self.blocks if b >= double_blocks]
+            _need(not bad, f"repulsion blocks {bad} out of range: this model has double blocks 0 to "
+                           f"{double_blocks - 1}")
         if self.reference is not None:
             ref = np.asarray(self.reference)
-            if ref.ndim != 2 or ref.shape[1] != signature(mx.zeros((1, 1, transformer.x_embedder.weight.shape[0]))).shape[-1]:
-                raise ValueError(f"reference signatures must have shape (R, {SIGNATURE_DIM}) from this model, "
-                                 f"not {ref.shape}")
+            dim = min(width, SIGNATURE_DIM)
+            _need(ref.ndim == 2 and ref.shape[1] == dim,
+                  f"reference signatures must have shape (R, {dim}) from this model, not {ref.shape}")
 
     def _active(self, kind, index):
         if kind == "double":
             return self.blocks in ("double", "all") or (isinstance(self.blocks, list) and index in self.blocks)
         return self.blocks in ("single", "all")
 
-    def hook(self, step, groups):
-        if step >= self.steps or (self.scale == 0 and self.reference is None):
+    def hook(self, step, groups, signature_block):
+        if step >= self.repelled_steps or (self.scale == 0 and self.reference is None):
             return None
         reference = None
         if self.reference is not None and len(self.reference):
@@ -245,7 +276,7 @@ class Repulsion(Method):
             if self.tokens == "image":
                 return txt, self._ascend(img, groups)
             txt = self._ascend(txt, groups)
-            if reference is not None and index == self._sig_block:
+            if reference is not None and index == signature_block:
                 txt = self._away_from(txt, reference, groups)
             return txt, img
         return repel
@@ -280,13 +311,14 @@ class ParticleGuidance(Method):
     h = median(|x_i - x_j|^2) / log(B - 1); each sample's velocity gets a repulsive term, scaled by the
     noise level, while sigma > `until` (the noisy part of the trajectory). `scale` 1 pushes each sample
     by about its kernel-weighted distance to the others over a unit of sigma (see `rbf_repulsion`)."""
+    name = "particle"
     scale: float = 0.5
     until: float = 0.5
 
-    def validate(self, n, transformer):
-        super().validate(n, transformer)
-        if self.scale < 0:
-            raise ValueError(f"particle guidance scale must be 0 or more, not {self.scale}")
+    def check(self, n):
+        super().check(n)
+        _need(_number(self.scale), f"particle guidance scale must be a finite number, 0 or more, not {self.scale!r}")
+        _need(_number(self.until) and self.until <= 1, f"particle guidance until must be in [0, 1], not {self.until!r}")
 
     def velocity(self, step, sigma, x, v):
         if sigma <= self.until or self.scale == 0:
@@ -317,16 +349,19 @@ class CADS(Method):
     """Condition-annealed sampling (Sadat et al. 2023): noise on the T5 tokens and the pooled vector,
     y' = sqrt(g) y + s sqrt(1 - g) n, g from 0 at sigma >= tau2 to 1 at sigma <= tau1, then rescaled to
     y's mean and std (mixed by psi). One noise per image, fixed for the whole trajectory."""
+    name = "cads"
     noise_scale: float = 0.25
     tau1: float = 0.6
     tau2: float = 0.9
     psi: float = 1.0
     seed: int = 0
 
-    def validate(self, n, transformer):
-        super().validate(n, transformer)
-        if self.noise_scale < 0 or not 0 <= self.tau1 <= self.tau2 <= 1:
-            raise ValueError("CADS needs noise_scale >= 0 and 0 <= tau1 <= tau2 <= 1")
+    def check(self, n):
+        super().check(n)
+        ok = all(_number(v) for v in (self.noise_scale, self.tau1, self.tau2, self.psi))
+        _need(ok and 0 <= self.tau1 <= self.tau2 <= 1 and self.psi <= 1,
+              "CADS needs finite noise_scale >= 0, 0 <= tau1 <= tau2 <= 1 and 0 <= psi <= 1")
+        _need(_count(self.seed, 0), f"CADS seed must be a whole number, 0 or more, not {self.seed!r}")
 
     def gamma(self, sigma):
         if sigma <= self.tau1:
@@ -341,9 +376,11 @@ class CADS(Method):
             return txt, pooled
         k1, k2 = mx.random.split(mx.random.key(self.seed))
         txt = mx.broadcast_to(txt, (n,) + txt.shape[1:])
+        txt = self._anneal(txt, g, mx.random.normal(txt.shape, key=k1))
+        if pooled is None:  # FLUX.2 has no pooled text vector
+            return txt, None
         pooled = mx.broadcast_to(pooled, (n,) + pooled.shape[1:])
-        return (self._anneal(txt, g, mx.random.normal(txt.shape, key=k1)),
-                self._anneal(pooled, g, mx.random.normal(pooled.shape, key=k2)))
+        return txt, self._anneal(pooled, g, mx.random.normal(pooled.shape, key=k2))
 
     def _anneal(self, y, g, noise):
         y32 = y.astype(mx.float32)
@@ -360,10 +397,10 @@ class Recording:
     """What the transformer did to one image of a batch during its first `steps` steps (`Pipeline.record`):
     its enriched text tokens after every double-stream block (the contextual space), and the edit the
     diversity method (or a blend) made to its activations after every block it touched. Arrays are
-    (branches, tokens, width): 2 branches with true CFG, else 1. `settings`: the call's, which a blend
-    must share."""
+    (branches, tokens, width): 2 branches with true CFG, else 1. `trajectory`: the recipe's settings that
+    fix the steps (`Recipe.trajectory()`), which a blend must share."""
     steps: int
-    settings: dict
+    trajectory: dict
     context: dict = field(default_factory=dict)  # (step, double-block index) -> text tokens
     edits: dict = field(default_factory=dict)  # (step, kind, block index) -> (text edit, image edit), None = none
 
@@ -389,36 +426,41 @@ class Recording:
 class Blend:
     """Contextual blending (paper section 4) of two recorded images A and B (`Pipeline.record`, from the
     batches they were made in). The batch is [A, B, A, A, ...] by its noise: row 0 A's, row 1 B's, each
-    further row j A's with blend weight a_j (rows 0 and 1 weigh 0 and 1). During the first `steps` steps
-    every row's enriched text tokens after every double-stream block are replaced by (1 - a) ctx_A + a ctx_B,
-    and during all recorded steps it gets (1 - a) edit_A + a edit_B of the repulsion A's and B's batches
-    made: so rows 0 and 1 are A and B again, exactly, however their batches were repelled, and a below 0
-    extrapolates away from B, above 1 beyond it."""
+    further row j A's with blend weight a_j (rows 0 and 1 weigh 0 and 1). During the first
+    `blended_steps` steps every row's enriched text tokens after every double-stream block are replaced by
+    (1 - a) ctx_A + a ctx_B, and during all recorded steps it gets (1 - a) edit_A + a edit_B of the
+    repulsion A's and B's batches made: so rows 0 and 1 are A and B again, exactly, however their batches
+    were repelled, and a below 0 extrapolates away from B, above 1 beyond it. No alphas and 0 blended
+    steps: A's edits replayed on new noise (the app's subtle variations)."""
     alphas: list = field(default_factory=lambda: [0.5])
-    steps: int = 2
+    blended_steps: int = 2
     sources: tuple = field(default=(), repr=False)  # (Recording of A, Recording of B)
 
-    def validate(self, n, settings):
-        if n != 2 + len(self.alphas):
-            raise ValueError(f"a blend batch is [A, B] plus one row per alpha: n must be {2 + len(self.alphas)}")
+    def check(self, n):
+        """The settings alone, for a batch of n (a recipe read from a file has no sources yet)."""
+        _need(isinstance(self.alphas, (list, tuple)) and all(_number(a, -math.inf) for a in self.alphas),
+              f"blend alphas must be a list of numbers, not {self.alphas!r}")
+        _need(n == 2 + len(self.alphas), f"a blend batch is [A, B] plus one row per alpha: n must be "
+                                         f"{2 + len(self.alphas)}, not {n}")
         bad = [a for a in self.alphas if not -0.5 <= a <= 1.5]
-        if bad:
-            raise ValueError(f"blend alphas must lie in [-0.5, 1.5], not {bad}")
-        if len(self.sources) != 2 or not all(isinstance(r, Recording) for r in self.sources):
-            raise ValueError("a blend needs the recordings of its two images A and B: Pipeline.record(...)")
-        short = [r.steps for r in self.sources if r.steps < self.steps]
-        if short:
-            raise ValueError(f"the blend's {self.steps} steps need recordings of {self.steps} steps, not {short[0]}: "
-                             f"record with record_steps={self.steps}")
-        for k, was in (kv for r in self.sources for kv in r.settings.items()):
-            if settings[k] != was:
-                raise ValueError(f"blend sources must be recorded with this call's settings: {k} was {was!r}, "
-                                 f"this call has {settings[k]!r}")
+        _need(not bad, f"blend alphas must lie in [-0.5, 1.5], not {bad}")
+        _need(_count(self.blended_steps, 0), f"blended steps must be 0 or more, not {self.blended_steps!r}")
+
+    def check_sources(self, trajectory: dict):
+        """The recordings of A and B: present, long enough, made with this batch's trajectory."""
+        _need(len(self.sources) == 2 and all(isinstance(r, Recording) for r in self.sources),
+              "a blend needs the recordings of its two images A and B: Pipeline.record(...)")
+        short = [r.steps for r in self.sources if r.steps < self.blended_steps]
+        _need(not short, f"the blend's {self.blended_steps} steps need recordings of {self.blended_steps} steps, "
+                         f"not {short[0] if short else 0}: record with record_steps={self.blended_steps}")
+        for k, was in (kv for r in self.sources for kv in r.trajectory.items()):
+            _need(trajectory[k] == was, f"blend sources must be recorded with this call's settings: {k} was "
+                                        f"{was!r}, this call has {trajectory[k]!r}")
 
     @property
     def reach(self) -> int:
         """The steps it acts in: its context swaps and its sources' recorded edits."""
-        return max([self.steps] + [r.steps for r in self.sources])
+        return max([self.blended_steps] + [r.steps for r in self.sources])
 
     def hook(self, step, groups=1):
         a_rec, b_rec = self.sources
@@ -435,7 +477,7 @@ class Blend:
         def blend(kind, index, txt, img):
             (ea_txt, ea_img), (eb_txt, eb_img) = (r.edits.get((step, kind, index), (None, None))
                                                   for r in self.sources)
-            if kind == "double" and step < self.steps:
+            if kind == "double" and step < self.blended_steps:
                 txt = mix(a_rec.context[(step, index)], b_rec.context[(step, index)], txt)
             elif ea_txt is not None or eb_txt is not None:
                 txt = txt + mix(ea_txt, eb_txt, txt)
@@ -445,4 +487,4 @@ class Blend:
         return blend
 
     def to_dict(self):
-        return dict(alphas=list(self.alphas), steps=self.steps)
+        return dict(alphas=[float(a) for a in self.alphas], blended_steps=self.blended_steps)

@@ -16,14 +16,27 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 PACKAGE_DIR = Path(__file__).parent
 DEMO_DIR = PACKAGE_DIR / "demo_model"
-ALIASES = {"schnell": "black-forest-labs/FLUX.1-schnell", "dev": "black-forest-labs/FLUX.1-dev"}
+ALIASES = {"schnell": "black-forest-labs/FLUX.1-schnell", "dev": "black-forest-labs/FLUX.1-dev",
+           # FLUX.2 [klein] (klein.py): 4B Apache-2.0; 9B under the FLUX non-commercial licence (gated)
+           "klein": "black-forest-labs/FLUX.2-klein-4B", "klein-base": "black-forest-labs/FLUX.2-klein-base-4B",
+           "klein-9b": "black-forest-labs/FLUX.2-klein-9B", "klein-9b-base": "black-forest-labs/FLUX.2-klein-base-9B"}
 COMPONENTS = ("transformer", "text_encoder", "text_encoder_2", "vae", "tokenizer", "tokenizer_2", "scheduler")
 QUANTIZED = ("transformer", "text_encoder_2")  # the big ones; CLIP and the VAE stay as they are
 GROUP_SIZE = 64
 # What a pipeline needs from a Hub repo; FLUX repos also hold BFL single files at their root, skipped.
 HUB_PATTERNS = ["model_index.json", "crepulse.json"] + [f"{c}/*.json" for c in COMPONENTS] + [
     f"{c}/*.safetensors" for c in ("transformer", "text_encoder", "text_encoder_2", "vae")
-] + ["tokenizer/*.txt", "tokenizer_2/*.model", "tokenizer_2/*.txt"]
+] + ["tokenizer/*.txt", "tokenizer/*.jinja", "tokenizer_2/*.model", "tokenizer_2/*.txt"]  # .jinja: Qwen3's chat template
+
+
+def is_repo_id(name: str) -> bool:
+    """"owner/name", as the Hugging Face Hub spells repository ids."""
+    return re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE as huggingface_hub reads it."""
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
 
 
 class WeightsError(Exception):
@@ -46,8 +59,8 @@ def resolve(source: str, progress: bool = False) -> Path:
                                "with model_index.json, transformer/, text_encoder/, ... or a Hub repo id")
         return path
     repo = ALIASES.get(source, source)
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo):
-        raise WeightsError(f"unknown model {source!r}: use demo, schnell, dev, a Hub repo id (owner/name) "
+    if not is_repo_id(repo):
+        raise WeightsError(f"unknown model {source!r}: use demo, {', '.join(ALIASES)}, a Hub repo id (owner/name) "
                            "or an existing folder")
     return Path(download(repo, progress=progress))
 
@@ -57,7 +70,7 @@ def download(repo: str, progress: bool = True) -> str:
     from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
     from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
 
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    offline = hub_offline()
     (enable_progress_bars if progress else disable_progress_bars)()
     try:
         return snapshot_download(repo, allow_patterns=HUB_PATTERNS, local_files_only=offline)
@@ -75,6 +88,16 @@ def download(repo: str, progress: bool = True) -> str:
         if offline:
             raise WeightsError(f"{repo} is not in the Hugging Face cache and HF_HUB_OFFLINE is set") from e
         raise WeightsError(f"could not download {repo}: {e}") from e
+
+
+def cached_snapshot(repo: str) -> Path:
+    """The folder of `repo` in the Hugging Face cache, without the network (WeightsError if absent)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+    try:
+        return Path(snapshot_download(repo, allow_patterns=HUB_PATTERNS, local_files_only=True))
+    except (LocalEntryNotFoundError, OSError, ValueError) as e:
+        raise WeightsError(f"{repo} is not in the Hugging Face cache") from e
 
 
 def read_json(path: Path) -> dict:
@@ -154,9 +177,29 @@ _BFL_FUSED = [
 ]
 
 
-def is_bfl(weights: dict) -> bool:
+def is_bfl(keys) -> bool:
+    """Whether tensor names (a dict of weights, or a list of keys) are BFL's, not diffusers'."""
     return any(k.split(".")[0] in ("double_blocks", "single_blocks", "img_in") or k.startswith("model.diffusion_model.")
-               for k in weights)
+               for k in keys)
+
+
+def has_guidance_embedding(keys) -> bool:
+    """Whether a transformer's tensor names (BFL's or diffusers') include FLUX.1-dev's guidance embedding."""
+    return any(k.removeprefix("model.diffusion_model.").startswith("guidance_in.") or "guidance_embedder" in k
+               for k in keys)
+
+
+def safetensors_keys(path: Path) -> list:
+    """Tensor names from a safetensors header (8-byte length, then JSON), without reading the tensors."""
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if not 0 < size < 1 << 30:
+                raise ValueError("bad header length")
+            header = json.loads(f.read(size))
+    except (OSError, ValueError) as e:
+        raise WeightsError(f"{path} is not a readable .safetensors file ({e})") from None
+    return [k for k in header if k != "__metadata__"]
 
 
 def bfl_to_diffusers(weights: dict) -> dict:

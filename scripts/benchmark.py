@@ -23,7 +23,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from mlx_crepulse import sampling
+from mlx_crepulse import cpu, sampling
 from mlx_crepulse.models import flux
 from mlx_crepulse.models.flux import FluxTransformer
 from mlx_crepulse.repulsion import Repulsion
@@ -66,15 +66,16 @@ def ours(runs):
 
     def forward(hook=None):
         vec = model.conditioning(t, pooled, g)
-        mx.eval(model(img, txt, vec, pe, hook))
+        mx.eval(cpu.forward(model, img, txt, vec, pe, hook))
 
     plain = median_time(forward, runs)
-    rep = Repulsion(scale=1e8, iterations=50, steps=1, blocks="all")
-    rep.validate(BATCH, model)
-    repelled = median_time(lambda: forward(rep.hook(0, 1)), runs)
+    rep = Repulsion(scale=1e8, iterations=50, repelled_steps=1, blocks="all")
+    rep.check(BATCH)
+    middle = len(model.transformer_blocks) // 2
+    repelled = median_time(lambda: forward(rep.hook(0, 1, middle)), runs)
     # the update alone, on activations of the same shapes (1 double block's text, 2 single blocks' joint
     # sequence): the difference of two noisy forward timings cannot resolve a cost this small
-    hook = rep.hook(0, 1)
+    hook = rep.hook(0, 1, middle)
     txt_act = mx.random.normal((BATCH, TXT_TOKENS, 3072))
     img_act = mx.random.normal((BATCH, IMG_TOKENS, 3072))
     mx.eval(txt_act, img_act)
@@ -256,6 +257,7 @@ def main():
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--skip-memory", action="store_true")
     args = parser.parse_args()
+    cpu.install()  # as the pipeline does on the CPU
 
     print(f"machine: {platform.machine()} {platform.system()}, {os.cpu_count()} cores, mlx {mx.__version__}, "
           f"LD_PRELOAD={os.environ.get('LD_PRELOAD', '-')}")

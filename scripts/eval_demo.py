@@ -118,8 +118,8 @@ def main(argv=None):
     blocks = args.blocks if args.blocks in ("all", "double", "single") else [int(b) for b in args.blocks.split(",")]
     for rs in [int(x) for x in args.repulsion_steps.split(",") if x]:
         for s in [float(x) for x in args.scales.split(",") if x]:
-            rep = Repulsion(scale=s, iterations=args.iterations, steps=rs, blocks=blocks)
-            r = measure(pipe, groups=args.groups, steps=steps, true_cfg=cfg, repulsion=rep)
+            rep = Repulsion(scale=s, iterations=args.iterations, repelled_steps=rs, blocks=blocks)
+            r = measure(pipe, groups=args.groups, steps=steps, true_cfg=cfg, method=rep)
             results["repulsion"][f"cfg{cfg:g}/steps{rs}/scale{s:g}"] = r
             print(f"cfg {cfg:g} repulsion steps {rs} scale {s:g}: {json.dumps(r)}", flush=True)
     if args.out:

@@ -79,7 +79,7 @@ def evaluate(pipe, prompts, method, extra, groups=4, seed0=SEED0):
     """Summary of one method plus its per-batch values (for the paired comparisons)."""
     batch = {"vendi_free": [], "fidelity": [], "clean": []}
     readings, vendi_px, seconds = [], [], []
-    for images, group, s in read_batches(pipe, prompts, groups, seed0, repulsion=method, **extra):
+    for images, group, s in read_batches(pipe, prompts, groups, seed0, method=method, **extra):
         seconds.append(s)
         readings += group
         batch["vendi_free"].append(vendi_score([shapes.free_attributes(r) for r in group]))

@@ -33,7 +33,7 @@ def main():
     for prompt in shapes.prompts()[::3]:
         for k, m in enumerate(methods):
             tiles += [gap] if k else []
-            tiles.append(pipe.generate(prompt, n=4, seed=args.seed, repulsion=m, output_type="np").images)
+            tiles.append(pipe.generate(prompt, n=4, seed=args.seed, method=m, output_type="np").images)
     images = (np.concatenate(tiles) * 255).round().astype(np.uint8)
     shapes.contact_sheet(images, columns=5 * len(methods) - 1, scale=3).save(args.out)
     print(args.out)

@@ -115,9 +115,9 @@ def run_forward(model, image_px: int, text_tokens: int, batch: int = 1, repel: b
     calls, moved = [], []
     inner = None
     if repel:
-        rep = Repulsion(scale=1e8, iterations=50, steps=1, blocks="all")
-        rep.validate(batch, model)
-        inner = rep.hook(0, 1)
+        rep = Repulsion(scale=1e8, iterations=50, repelled_steps=1, blocks="all")
+        rep.check(batch)
+        inner = rep.hook(0, 1, len(model.transformer_blocks) // 2)
 
     def hook(kind, index, t, i):  # through every block; with repulsion, how far it moved the text tokens
         calls.append((kind, index))

@@ -90,8 +90,8 @@ def benchmark_update_time(runs: int) -> float:
     """scripts/benchmark.py's measurement of the update: Repulsion's hook on 1 double block's text (512
     tokens) and 2 single blocks' joint sequence (512 + 256 tokens), 50 iterations, batch of 4."""
     from scripts.benchmark import BATCH, IMG_TOKENS, TXT_TOKENS
-    rep = repulsion.Repulsion(scale=1e8, iterations=50, steps=1, blocks="all")
-    hook = rep.hook(0, 1)
+    rep = repulsion.Repulsion(scale=1e8, iterations=50, repelled_steps=1, blocks="all")
+    hook = rep.hook(0, 1, 0)
     txt, img = mx.random.normal((BATCH, TXT_TOKENS, 3072)), mx.random.normal((BATCH, IMG_TOKENS, 3072))
     mx.eval(txt, img)
     times = []

@@ -57,7 +57,9 @@ from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
 
 from mlx_crepulse import sampling, weights  # noqa: E402
 from mlx_crepulse.models import autoencoder, clip, t5  # noqa: E402
-from mlx_crepulse.models.flux import FluxTransformer, one_blas_thread  # noqa: E402
+from mlx_crepulse import cpu  # noqa: E402
+from mlx_crepulse.cpu import one_blas_thread  # noqa: E402
+from mlx_crepulse.models.flux import FluxTransformer  # noqa: E402
 from scripts import shapes  # noqa: E402
 
 SIZE = shapes.SIZE  # 32 pixels
@@ -151,23 +153,10 @@ def to_unit(images: np.ndarray) -> np.ndarray:
 # fast tanh GELU for training (MLX's CPU tanh is slow)
 # ------------------------------------------------------------------------------------------------
 
-_TANH_P = (4.89352455891786e-03, 6.37261928875436e-04, 1.48572235717979e-05, 5.12229709037114e-08,
-           -8.60467152213735e-11, 2.00018790482477e-13, -2.76076847742355e-16)  # Eigen's float tanh
-_TANH_Q = (4.89352518554385e-03, 2.26843463243900e-03, 1.18534705686654e-04, 1.19825839466702e-06)
-_TANH_CLAMP = 7.90531110763549805
 _GELU_C = math.sqrt(2.0 / math.pi)
 
 
-def _tanh(x):
-    x = mx.clip(x, -_TANH_CLAMP, _TANH_CLAMP)
-    x2 = x * x
-    p = _TANH_P[-1]
-    for a in _TANH_P[-2::-1]:
-        p = p * x2 + a
-    q = _TANH_Q[-1]
-    for b in _TANH_Q[-2::-1]:
-        q = q * x2 + b
-    return x * p / q
+_tanh = cpu.tanh  # the engine's own rational tanh (Eigen's)
 
 
 def _gelu_fwd(x):
@@ -399,6 +388,7 @@ def train_transformer(tf, packed_mean: np.ndarray, packed_std: np.ndarray, promp
                       logfile: Path, batch: int = 64, lr: float = 2e-3, p_uncond: float = 0.15,
                       ema_decay: float = 0.995, init: str = "diffusers", timesteps: str = "uniform",
                       on_checkpoint=None, checkpoint_every: int = 100, eval_every: int = 500):
+    cpu.install()  # the CPU's kernels in the transformer, as the pipeline uses them
     ckpt = work / "transformer_ckpt.safetensors"
     uncond = txt_all.shape[0] - 1  # the last prompt is ""
     pe = tf.pos_embed(mx.zeros((SEQ, 3)), sampling.image_ids(ROWS, COLS))
@@ -423,7 +413,7 @@ def train_transformer(tf, packed_mean: np.ndarray, packed_std: np.ndarray, promp
     def loss_fn(model, x0, txt, pooled, t, noise):
         tt = t[:, None, None]
         xt = (1 - tt) * x0 + tt * noise
-        v = model(xt, txt, model.conditioning(t, pooled), pe)
+        v = cpu.forward(model, xt, txt, model.conditioning(t, pooled), pe)
         return ((v - (noise - x0)) ** 2).mean()
 
     grad_fn = nn.value_and_grad(tf, loss_fn)

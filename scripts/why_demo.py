@@ -24,7 +24,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mlx_crepulse import Blend, Pipeline, Repulsion, mix_noise, weights  # noqa: E402
-from mlx_crepulse.pipeline import Defaults  # noqa: E402
+from mlx_crepulse import Defaults  # noqa: E402
+from mlx_crepulse.model_folder import ModelFolder  # noqa: E402
 from mlx_crepulse.repulsion import ascend  # noqa: E402
 from scripts import evaluate, shapes  # noqa: E402
 
@@ -50,7 +51,7 @@ def clean(pipe):
     for a, im in zip(combos, decoded):
         vae[kind(a)].append(shapes.read(im)["clean"])
     rep = pipe.defaults.repulsion(0.5)
-    runs = {"base": readings(pipe), f"repulsion {rep.scale:.3g}": readings(pipe, repulsion=rep)}
+    runs = {"base": readings(pipe), f"repulsion {rep.scale:.3g}": readings(pipe, method=rep)}
     tables = {name: collections.defaultdict(list) for name in runs}
     for name, rs in runs.items():
         for r in rs:
@@ -108,7 +109,7 @@ class BranchesAsOne(Repulsion):
 
 def bundled_defaults() -> Defaults:
     """The bundled demo's defaults (its repulsion settings), to run on any model so that models compare alike."""
-    return Defaults.for_model(weights.DEMO_DIR, weights.read_json(weights.DEMO_DIR / "transformer" / "config.json"))
+    return ModelFolder.open("demo").defaults
 
 
 def variants(pipe):
@@ -118,7 +119,7 @@ def variants(pipe):
     recommended = d.repulsion(0.5)  # --diversity 0.5
     rows = [("base", None)] + [(f"{name} {rep.scale:.3g}", rep) for name, rep in (
         ("all blocks", d.repulsion(0.0)), ("all blocks", recommended),
-        ("first step only", d.repulsion(0.5, steps=1, scale=3.54e4)),  # the previous default
+        ("first step only", d.repulsion(0.5, repelled_steps=1, scale=3.54e4)),  # the previous default
         ("conditional only", ConditionalOnly(**vars(recommended))),
         ("branches as one", BranchesAsOne(**vars(recommended))),
         ("double blocks", d.repulsion(0.5, blocks="double")), ("double blocks", d.repulsion(1.0, blocks="double")))]
@@ -176,8 +177,8 @@ def favourites(pipe):
     for k, prompt in enumerate(shapes.prompts()):
         for g in range(2):
             seed = FAVOURITE_SEED0 + 8 * (2 * k + g)
-            batch = pipe.generate(prompt, n=4, seed=seed, repulsion=rep, output_type="np")
-            recordings = pipe.record(prompt, [0, 1, 2, 3], record_steps=0, n=4, seed=seed, repulsion=rep)
+            batch = pipe.generate(prompt, n=4, seed=seed, method=rep, output_type="np")
+            recordings = pipe.record(prompt, [0, 1, 2, 3], record_steps=0, n=4, seed=seed, method=rep)
             for i, rec in enumerate(recordings):
                 fav = shapes.free_attributes(shapes.read(batch.images[i]))
                 alone = pipe.generate(prompt, n=1, latents=batch.noise[i:i + 1], output_type="np").images[0]
@@ -187,8 +188,8 @@ def favourites(pipe):
                 # desktop/refine.py's SUBTLE and STRONG (the scripts do not import the app)
                 for name, mix, diversity in (("subtle", 0.3, 0.0), ("strong", 0.65, 0.5)):
                     latents = np.stack([mix_noise(batch.noise[i], new[j], mix) for j in range(3)])
-                    for how, blend in (("alone", None), ("edits replayed", Blend([0.0], steps=0, sources=(rec, rec)))):
-                        out = pipe.generate(prompt, n=3, latents=latents, repulsion=pipe.defaults.repulsion(diversity),
+                    for how, blend in (("alone", None), ("edits replayed", Blend([0.0], blended_steps=0, sources=(rec, rec)))):
+                        out = pipe.generate(prompt, n=3, latents=latents, method=pipe.defaults.repulsion(diversity),
                                             blend=blend, output_type="np").images
                         reads = [shapes.read(o) for o in out]
                         keep = np.mean([shapes.free_attributes(r) == fav for r in reads])

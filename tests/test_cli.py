@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import mlx.core as mx
@@ -19,7 +20,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mlx_crepulse import CADS, ParticleGuidance, Repulsion, cli, metadata
+import mlx_crepulse
+from mlx_crepulse import CADS, Defaults, ParticleGuidance, Recipe, Repulsion, cli, metadata
+from mlx_crepulse.recipe import method_from_dict, method_to_dict
 from mlx_crepulse.weights import DEMO_DIR
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -96,21 +99,34 @@ def pixels(path) -> np.ndarray:
 BAD = {
     "empty prompt": (["   "], "the prompt is empty"),
     "no prompt": ([], "give a prompt"),
-    "n < 1": ([PROMPT, "-n", "0"], "-n/--n-images must be 1 or more"),
-    "size": ([PROMPT, "--width", "40"], "--width 40 is not a multiple of 16"),
+    "n < 1": ([PROMPT, "-n", "0"], "n must be 1 to 4096, not 0"),
+    "size": ([PROMPT, "--width", "40"], "width 40 must be a multiple of 16 (try 32)"),
     "unknown model": ([PROMPT, "--model", "nonsense"], "unknown model 'nonsense'"),
     "missing folder": ([PROMPT, "--model", "./no/such/folder"], "model folder ./no/such/folder does not exist"),
     "offline": ([PROMPT, "--model", "schnell"], "`python -m mlx_crepulse download schnell`"),
     "unwritable output": ([PROMPT, "-o", "a-file/pics"], "cannot write to the output folder a-file/pics"),
     "too long prompt": ([LONG_PROMPT], "error: the prompt is ", "over this model's limit of", "--truncate"),
-    "diversity range": ([PROMPT, "--diversity", "1.5"], "--diversity must be between 0 and 1"),
+    "diversity range": ([PROMPT, "--diversity", "1.5"], "diversity must be between 0 and 1, not 1.5"),
     "method flags": ([PROMPT, "--method", "cads", "--repulsion-scale", "1e8"], "applies to --method contextual"),
-    "repulsion of one": ([PROMPT, "-n", "1", "--method", "contextual"], "needs 2 or more images"),
+    "repulsion of one": ([PROMPT, "-n", "1", "--method", "contextual"], "needs a batch of at least 2 images"),
     "bad option": ([PROMPT, "--steps", "many"], "invalid int value: 'many'"),
     "from a non-recipe": (["--from", "a-file"], "cannot read a-file"),
     "from a blend": (["--from", "blend.png"], "blend.png was made from recorded contexts", "cannot re-run"),
     "info a non-recipe": (["info", "a-file"], "cannot read a-file"),
     "download offline": (["download", "dev"], "FLUX.1-dev is not in the Hugging Face cache and HF_HUB_OFFLINE is set"),
+    # the Recipe's own checks, one per field (issue 18: each was a traceback or a crash after the work)
+    "seed below -1": ([PROMPT, "--seed", "-2"], "seed must be -1 (random) or 0 to"),
+    "seed past 2**64": ([PROMPT, "--seed", str(2**64 - 1), "-n", "2"], "seed must be -1 (random) or 0 to"),
+    "guidance nan": ([PROMPT, "--guidance", "nan"], "guidance must be a finite number"),
+    "true cfg inf": ([PROMPT, "--true-cfg", "inf"], "true_cfg must be a finite number"),
+    "repulsion scale inf": ([PROMPT, "--repulsion-scale", "inf"], "repulsion scale must be a finite number"),
+    "absurd n": ([PROMPT, "-n", "3000000000"], "n must be 1 to 4096"),
+    "absurd steps": ([PROMPT, "--steps", "100000000000"], "steps must be 1 to 1000"),
+    "absurd sequence": ([PROMPT, "--max-sequence-length", "100000"], "max_sequence_length must be 1 to 4096"),
+    "too large for memory": ([PROMPT, "--width", "1024", "--height", "1024", "-n", "1", "--steps", "1"],
+                             "needs about", "the largest that fits is", "--force"),
+    "convert a missing file": (["convert", "flux1-dev.safetensors", "--base", "dev", "-q", "8", "-o", "out"],
+                               "flux1-dev.safetensors does not exist"),
 }
 
 
@@ -146,7 +162,7 @@ def jobs(tmp_path_factory, model_arg, schnell_dir, hf_home):
         (cwd / "a-file").write_text("not a folder")
         if case == "from a blend":  # an app's blend or variation: its recipe needs recordings the file lacks
             metadata.write_png(cwd / "blend.png", Image.new("RGB", (16, 16)),
-                               dict(prompt=PROMPT, n=3, seed=1, blend=dict(alphas=[0.5], steps=2)))
+                               dict(prompt=PROMPT, n=3, seed=1, blend=dict(alphas=[0.5], blended_steps=2)))
         if args and "--model" not in args and args[0] not in cli.SUBCOMMANDS and args[0] != "--from":
             args = args + ["--model", model_arg]
         started[case] = Job(args, cwd, hf_home / case.replace(" ", "-").replace("<", "lt"))
@@ -214,10 +230,11 @@ def test_recipe_round_trips(batch, second_wave, model_arg):
         r = metadata.read_png(cwd / p)
         assert (r["prompt"], r["n"], r["seed"], r["index"], r["image_seed"]) == (PROMPT, 3, 11, i, 11 + i)
         assert r["model"] == (model_arg if model_arg == "demo" else str(Path(model_arg).resolve()))
-        assert r["quantize"] is None and r["version"] == cli.__version__
-        rep = r["repulsion"]
-        assert rep["method"] == "Repulsion" and rep["blocks"] == "all" and rep["iterations"] >= 1
-        assert isinstance(metadata.method_from_dict(rep), Repulsion)
+        assert r["quantize"] is None and r["version"] == mlx_crepulse.__version__
+        rep = r["method"]
+        assert r["schema"] == 2 and r["diversity"] == 0.5
+        assert rep["name"] == "contextual" and rep["blocks"] == "all" and rep["iterations"] >= 1
+        assert isinstance(Recipe.from_dict(r).method, Repulsion)
         text = metadata.read_text_chunks(cwd / p)["parameters"]
         first, settings = text.split("\n")
         assert first == PROMPT
@@ -230,6 +247,19 @@ def test_recipe_round_trips(batch, second_wave, model_arg):
     human = second_wave["info"].wait()
     assert human.returncode == 0 and human.stdout.startswith(PROMPT + "\nSteps: ")
     assert json.loads(human.stdout.split("\n\n", 1)[1]) == json.loads(shown.stdout)
+
+
+def test_negative_prompt_warns_only_when_true_cfg_is_off(tmp_path, model_arg, hf_home):
+    """The warning that a negative prompt has no effect follows the resolved recipe (issue 17's drift
+    bug): the demo's own default true CFG is 4, so `--negative-prompt` alone is used and must not warn,
+    and the recipe records it; with `--true-cfg 1` it has no effect, and says so."""
+    base = [PROMPT, "--model", "demo", "-n", "2", "--steps", "1", "--no-sheet", "--negative-prompt", "blue"]
+    used = run(base, tmp_path, hf_home)
+    assert used.returncode == 0 and "warning" not in used.stderr, used.stderr
+    r = metadata.read_png(tmp_path / used.stdout.splitlines()[0])
+    assert r["negative_prompt"] == "blue" and r["true_cfg"] == 4.0
+    off = run(base + ["--true-cfg", "1", "-o", "off"], tmp_path, hf_home)
+    assert off.returncode == 0 and "warning: --negative-prompt has no effect" in off.stderr
 
 
 def test_from_reproduces_the_image_bit_for_bit(batch, second_wave):
@@ -403,6 +433,29 @@ def test_ctrl_c_stops_between_steps_and_keeps_finished_batches(jobs):
         pixels(job.cwd / p)  # whole files
 
 
+def test_ctrl_c_is_answered_at_once_during_a_long_step(tmp_path, hf_home):
+    """A Ctrl-C that arrives while MLX evaluates a step (a batch of 8 at 128 px: seconds a step here) is
+    answered within a second, not when the step ends: the message at once, then the stop at the step's
+    end (exit 130, nothing written). Python's own handler could run only after the step."""
+    args = [sys.executable, "-m", "mlx_crepulse", PROMPT, "--model", "demo", "-n", "8", "--width", "128",
+            "--height", "128", "--steps", "2", "--no-sheet", "-o", "out", "--seed", "1"]
+    proc = subprocess.Popen(args, cwd=tmp_path, env=cli_env(hf_home), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    os.set_blocking(proc.stderr.fileno(), False)
+    err, signalled, answered = b"", None, None
+    while proc.poll() is None:
+        err += proc.stderr.read() or b""
+        if signalled is None and b"step 1/2" in err:  # the second step has just started
+            proc.send_signal(signal.SIGINT)
+            signalled = time.monotonic()
+        if signalled and answered is None and b"stopping after this step" in err:
+            answered = time.monotonic()
+        time.sleep(0.01)
+    ended = time.monotonic()
+    assert proc.returncode == 130 and signalled and answered, err.decode()
+    assert answered - signalled < 1.0 and ended - answered > answered - signalled
+    assert files_under(tmp_path) == set()
+
+
 # --- in-process pieces ---------------------------------------------------------------------------------------
 
 def test_png_metadata_round_trip_in_process(tmp_path):
@@ -414,7 +467,7 @@ def test_png_metadata_round_trip_in_process(tmp_path):
     recipe = dict(prompt="狐狸, in the snow: ünïcödé", n=2, seed=7, steps=4, guidance=3.5, width=16, height=16,
                   max_sequence_length=16, true_cfg=2.0, negative_prompt="blurry, dark", model="/x/y, z",
                   quantize=4, version="0.1.0", index=1, image_seed=8, blend=None, strength=None,
-                  repulsion=Repulsion(scale=2.5e8, blocks=[0, 3, 4]).to_dict())
+                  method=Repulsion(scale=2.5e8, blocks=[0, 3, 4]).to_dict())
     p1 = metadata.write_png(tmp_path / "a.png", image, recipe, overwrite=False)
     p2 = metadata.write_png(tmp_path / "a.png", image, recipe, overwrite=False)
     p3 = metadata.write_png(tmp_path / "a.png", image, recipe, overwrite=False)
@@ -424,7 +477,7 @@ def test_png_metadata_round_trip_in_process(tmp_path):
     text = metadata.read_text_chunks(p1)["parameters"]
     assert text.startswith(recipe["prompt"] + "\nNegative prompt: blurry, dark\nSteps: 4, ")
     assert 'Model: "/x/y, z"' in text and "Distilled CFG Scale: 3.5" in text and "Seed: 8," in text
-    assert "Diversity: contextual scale=2.5e+08 iterations=50 steps=1 blocks=0+3+4" in text
+    assert "Diversity: contextual scale=2.5e+08 iterations=None repelled steps=None blocks=0+3+4" in text
     PILImage.new("RGB", (4, 4)).save(tmp_path / "plain.png")
     with pytest.raises(ValueError, match="no mlx-crepulse recipe"):
         metadata.read_png(tmp_path / "plain.png")
@@ -433,38 +486,60 @@ def test_png_metadata_round_trip_in_process(tmp_path):
 def test_methods_rebuild_from_their_dicts():
     """method_from_dict inverts to_dict for every method (also through JSON); a batch repelled from
     reference images cannot be rebuilt from the file, and says so."""
-    for m in (Repulsion(scale=3e8, iterations=20, steps=2, blocks=[1, 2]), ParticleGuidance(scale=64.0, until=0.4),
-              CADS(noise_scale=0.1, seed=9), None):
-        d = json.loads(json.dumps(m.to_dict() if m else None))
-        assert metadata.method_from_dict(d) == m
+    for m in (Repulsion(scale=3e8, iterations=20, repelled_steps=2, blocks=[1, 2]), ParticleGuidance(scale=64.0, until=0.4),
+              CADS(noise_scale=0.1, seed=9), None, "particle"):
+        d = json.loads(json.dumps(method_to_dict(m)))
+        assert method_from_dict(d) == m
     with pytest.raises(ValueError, match="reference images"):
-        metadata.method_from_dict(dict(Repulsion().to_dict(), reference_size=3))
+        method_from_dict(dict(Repulsion().to_dict(), reference_size=3))
     with pytest.raises(ValueError, match="unknown diversity method"):
-        metadata.method_from_dict({"method": "Nope"})
+        method_from_dict({"name": "Nope"})
 
 
 def test_diversity_knob_and_batches():
     """--diversity maps onto each method's range (contextual: lo*(hi/lo)**D, log scale; particle:
     D; cads: noise 0.5*D), 0 means plain seeds; --repulsion-blocks parses ranges; a trailing
     batch of one joins the previous batch when a method needs pairs."""
-    from mlx_crepulse.pipeline import Defaults
-
     d = Defaults(width=64, height=32, repulsion_scale_range=(1e8, 1e10), repulsion_iterations=7, repulsion_steps=2)
-    opts = dict(width=None, height=None)
 
     def build(*argv, n=4):
-        args = cli.generation_parser().parse_args(["p", *argv])
-        return cli._build_method(cli._method_spec(args, n, None), d, opts, seed=5)
+        args = cli.generation_parser().parse_args(["p", "-n", str(n), "--seed", "5", *argv])
+        return cli.recipe_from_args(args).resolve(d).method
 
-    assert build() == Repulsion(scale=1e9, iterations=7, steps=2, blocks="all")
-    assert build("--diversity", "1") == Repulsion(scale=1e10, iterations=7, steps=2)
+    assert build() == Repulsion(scale=1e9, iterations=7, repelled_steps=2, blocks="all")
+    assert build("--diversity", "1") == Repulsion(scale=1e10, iterations=7, repelled_steps=2)
     assert build("--diversity", "0") is None and build("--method", "none") is None
     assert build("--repulsion-scale", "5", "--repulsion-blocks", "0,3-5") == Repulsion(
-        scale=5.0, iterations=7, steps=2, blocks=[0, 3, 4, 5])
+        scale=5.0, iterations=7, repelled_steps=2, blocks=[0, 3, 4, 5])
     assert build("--method", "particle", "--diversity", "0.5") == ParticleGuidance(scale=0.5)
     assert build("--method", "cads", "--diversity", "0.5") == CADS(noise_scale=0.25, seed=5)
     assert build(n=1) is None  # one image: nothing to push apart, plain seeds
     assert cli._batches(5, 2, True) == [(0, 2), (2, 3)]
     assert cli._batches(5, 2, False) == [(0, 2), (2, 2), (4, 1)]
     assert cli._batches(3, None, True) == [(0, 3)]
-    assert cli._slug("  A Red Fox, in the Snow!  ") == "a-red-fox-in-the-snow"
+    assert metadata.slug("  A Red Fox, in the Snow!  ") == "a-red-fox-in-the-snow"
+
+
+def test_disk_full_keeps_what_was_written(tmp_path, monkeypatch, capsys):
+    """The disk filling up after two images (the file system's ENOSPC, raised by the PNG writer):
+    exit 2 with one line naming the folder and what was kept; the two images are whole, nothing else
+    (no partial file, no sheet) is left."""
+    import errno
+
+    written = []
+    real = metadata.write_png
+
+    def filling(path, *a, **k):
+        if len(written) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written.append(real(path, *a, **k))
+        return written[-1]
+    monkeypatch.setattr(metadata, "write_png", filling)
+    out = tmp_path / "pics"
+    code = cli.main([PROMPT, "--model", "demo", "-n", "4", "--steps", "1", "-o", str(out), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert f"cannot write to {out}: No space left on device; kept the 2 image(s)" in err
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in written)
+    for p in written:
+        pixels(p)

@@ -221,8 +221,8 @@ def test_refine_explore_blend_upscale_and_rerun(qtbot, make_window, tmp_path):
     for batch_id, parent in ((subtle, a.id), (strong, h.batch(subtle).images[0].id)):
         bb = h.batch(batch_id)
         assert bb.kind.startswith("vary") and bb.parent_image == parent and len(bb.images) == 3
-        assert bb.recipe["repulsion"]["method"] == "Repulsion"  # repelled among themselves
-    assert h.batch(subtle).recipe["blend"] == dict(alphas=[0.0], steps=0)  # subtly: pushed as the favourite was
+        assert bb.recipe["method"]["name"] == "contextual"  # repelled among themselves
+    assert h.batch(subtle).recipe["blend"] == dict(alphas=[0.0], blended_steps=0)  # subtly: pushed as the favourite was
     assert h.batch(strong).recipe["blend"] is None
 
     def closeness(batch_id):  # mean correlation of the new noises with each other
@@ -233,7 +233,7 @@ def test_refine_explore_blend_upscale_and_rerun(qtbot, make_window, tmp_path):
     seen = sum(len(x.images) for x in h.batches() if x.prompt == "a red fox")
     explore = run(qtbot, w, w.explore)
     e = h.batch(explore)
-    assert e.kind == "explore" and e.recipe["repulsion"]["reference_size"] == seen
+    assert e.kind == "explore" and e.recipe["method"]["reference_size"] == seen
     assert h.inputs(explore)["reference"].shape[0] == seen
 
     blend = run(qtbot, w, lambda: w.blend(a, b, 1.3))  # extrapolation beyond B
@@ -241,7 +241,7 @@ def test_refine_explore_blend_upscale_and_rerun(qtbot, make_window, tmp_path):
     assert bl.recipe["blend"]["alphas"] == [1.3] and len(bl.images) == 3
     assert [im.label for im in bl.images][:2] == ["A", "B"]
     # A and B come out as the favourites themselves, though their batch was repelled (recorded and replayed)
-    assert h.batch(first).recipe["repulsion"] is not None
+    assert h.batch(first).recipe["method"] is not None
     for fav, row in ((a, bl.images[0]), (b, bl.images[1])):
         assert np.abs(pixels(fav.path) - pixels(row.path)).max() <= 1
     lat = h.inputs(blend)["latents"]
@@ -308,15 +308,15 @@ def test_failure_while_saving_keeps_history(qtbot, make_window, tmp_path, monkey
 KILLED = textwrap.dedent("""
     import sys, numpy as np
     from PIL import Image
-    from mlx_crepulse import Result
+    from mlx_crepulse import Recipe, Result
     from desktop.history import History
     h = History(sys.argv[1])
     rng = np.random.default_rng(0)
     k = 0
     while True:
         imgs = [Image.fromarray(rng.integers(0, 255, (256, 256, 3), dtype=np.uint8)) for _ in range(4)]
-        settings = dict(prompt="p", n=4, seed=k, steps=4, width=256, height=256, model="demo")
-        r = Result(imgs, [k + i for i in range(4)], None, np.ones((4, 32), np.float16), settings, 0.1)
+        recipe = Recipe("p", n=4, seed=k, steps=4, width=256, height=256, model="demo")
+        r = Result(imgs, [k + i for i in range(4)], None, np.ones((4, 32), np.float16), recipe, 0.1)
         h.add_batch(r, inputs={"latents": rng.standard_normal((4, 8, 4)).astype(np.float32)})
         k += 4
         print(k // 4, flush=True)
@@ -359,11 +359,15 @@ def test_memory_check_and_model_messages(qtbot, make_window, tmp_path):
     assert models.memory_problem("schnell", 4, ram_gb=16) is None
     assert models.memory_problem("dev", 8, ram_gb=24) is None
     assert models.memory_problem("demo", None, ram_gb=4) is None
+    # FLUX.2 [klein] 4B fits a 16 GB Mac at 8 and 4 bits; in bf16 it does not, and 4-bit is offered
+    assert models.memory_problem("klein", 8, ram_gb=16) is None and models.memory_problem("klein", 4, ram_gb=16) is None
+    assert "4-bit" in models.memory_problem("klein", None, ram_gb=16)
     assert models.physical_ram_gb() > 0
     assert controls.diversity_of(0) is None and controls.diversity_of(1) == 0 and controls.diversity_of(9) == 1
     # the app's default tick is the CLI's default diversity, so the two make the same batch from one seed
-    assert controls.diversity_of(5) == cli.DEFAULT_DIVERSITY == 0.5 and controls.tick_of(0.5) == 5
+    assert controls.diversity_of(5) == mlx_crepulse.DEFAULT_DIVERSITY == 0.5 and controls.tick_of(0.5) == 5
     w = make_window()
+    assert {"klein", "klein-base", "klein-9b"} <= {w.form.model.itemData(i) for i in range(w.form.model.count())}
     w.form.set_source(str(tmp_path / "nowhere"))
     w.update_model_state()
     assert "unknown model" in w.form.model_note.text() or "not" in w.form.model_note.text()

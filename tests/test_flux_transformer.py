@@ -37,12 +37,17 @@ def image_ids(h, w):
     return ids.reshape(h * w, 3)
 
 
+@pytest.mark.parametrize("backend", ["plain", "cpu"])
 @pytest.mark.parametrize("guidance_embeds", [False, True])
-def test_transformer_matches_diffusers(guidance_embeds):
+def test_transformer_matches_diffusers(guidance_embeds, backend):
     """Same weights, same inputs: the velocity equals diffusers' within 1e-4 (float32), with and without
-    the guidance embedding, for a batch of 3 and a non-square latent grid. On the CPU, with no hook, the
-    batch runs as halves of 2 and 1 on two streams (`_on_two_cpu_streams`), so this also proves that
-    split against the reference; the hooked single-stream path is proven by the repulsion tests."""
+    the guidance embedding, for a batch of 3 and a non-square latent grid; with MLX's plain kernels (the
+    Metal path) and with cpu.py's (rational GELU and exp, the batch as halves of 2 and 1 on two streams,
+    as the pipeline runs on the CPU). The hooked single-stream path is proven by the repulsion tests."""
+    from mlx_crepulse import cpu
+
+    cpu.install() if backend == "cpu" else cpu.uninstall()
+    forward = cpu.forward if backend == "cpu" else (lambda m, *a: m(*a))
     model = reference(guidance_embeds)
     ours = to_mlx(model, model.config)
     rng = np.random.default_rng(0)
@@ -59,7 +64,8 @@ def test_transformer_matches_diffusers(guidance_embeds):
                      img_ids=torch.from_numpy(img_ids), txt_ids=torch.from_numpy(txt_ids),
                      guidance=None if g is None else torch.from_numpy(g), return_dict=False)[0].numpy()
     vec = ours.conditioning(mx.array(t), mx.array(pooled), None if g is None else mx.array(g))
-    got = ours(mx.array(img), mx.array(txt), vec, ours.pos_embed(mx.array(txt_ids), mx.array(img_ids)))
+    got = forward(ours, mx.array(img), mx.array(txt), vec, ours.pos_embed(mx.array(txt_ids), mx.array(img_ids)))
+    cpu.install()  # as the pipeline leaves it on this machine
     err = np.abs(np.array(got) - want).max()
     assert np.abs(want).max() > 0.5  # a real signal, not a near-zero output
     assert err <= 1e-4, (err, np.abs(want).max())
@@ -68,7 +74,7 @@ def test_transformer_matches_diffusers(guidance_embeds):
 def test_gelu_tanh_matches_torch():
     """The CPU's rational tanh GELU equals torch's GELU(approximate="tanh") within 2e-6 over [-12, 12]
     (and saturates correctly beyond), and its gradient matches torch autograd."""
-    from mlx_crepulse.models.flux import _gelu_tanh_rational
+    from mlx_crepulse.cpu import gelu_tanh as _gelu_tanh_rational
 
     x = np.linspace(-12, 12, 20001).astype(np.float32)
     want = torch.nn.functional.gelu(torch.from_numpy(x), approximate="tanh").numpy()
@@ -95,7 +101,10 @@ def test_cpu_attention_matches_torch():
 OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0"
 SPLIT_WITH_OPENBLAS = """
 import ctypes, mlx.core as mx, numpy as np
-from mlx_crepulse.models.flux import FluxTransformer, openblas_threads
+from mlx_crepulse import cpu
+from mlx_crepulse.cpu import openblas_threads
+from mlx_crepulse.models.flux import FluxTransformer
+cpu.install()
 cfg = dict(in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
            joint_attention_dim=24, pooled_projection_dim=20, axes_dims_rope=(4, 6, 6))
 model = FluxTransformer(cfg)
@@ -107,11 +116,11 @@ rng = np.random.default_rng(0)
 img, txt = mx.array(rng.standard_normal((4, 12, 16), np.float32)), mx.array(rng.standard_normal((1, 5, 24), np.float32))
 vec = model.conditioning(mx.array([0.5]), mx.array(rng.standard_normal((1, 20), np.float32)))
 pe = model.pos_embed(mx.zeros((5, 3)), mx.array(rng.integers(0, 4, (12, 3)).astype(np.float32)))
-split = np.array(model(img, txt, vec, pe))
-whole = np.array(model(img, txt, vec, pe, hook=lambda kind, i, t, x: (t, x)))  # a hook: one stream
+split = np.array(cpu.forward(model, img, txt, vec, pe))
+whole = np.array(model(img, txt, vec, pe))  # one stream
 lib.openblas_set_num_threads(1)
-lazy = model(img, txt, vec, pe)  # one thread already: the split stays lazy, so it works under mx.grad
-grad = mx.grad(lambda x: model(x, txt, vec, pe).sum())(img)
+lazy = cpu.forward(model, img, txt, vec, pe)  # one thread already: the split stays lazy, works under mx.grad
+grad = mx.grad(lambda x: cpu.forward(model, x, txt, vec, pe).sum())(img)
 assert np.abs(np.array(lazy) - split).max() == 0 and float(mx.abs(grad).sum()) > 0
 lib.openblas_set_num_threads(2)
 assert np.abs(split - whole).max() <= 1e-5 * np.abs(whole).max(), np.abs(split - whole).max()  # BLAS blocking differs

@@ -6,7 +6,9 @@ import shutil
 import pytest
 from mlx.utils import tree_flatten
 
-from mlx_crepulse import Pipeline, memory
+from mlx_crepulse import Pipeline, footprint, memory
+from mlx_crepulse.model_folder import ModelFolder
+from tests import tiny_klein
 
 COMPONENTS = ("transformer", "text_encoder", "text_encoder_2", "vae")
 
@@ -26,6 +28,17 @@ def test_estimate_is_what_loading_holds(wide_dir, quantize):
         assert got["transformer"] < memory.component_bytes(wide_dir / "transformer") / 2  # really quantized
 
 
+@pytest.mark.parametrize("quantize", [None, 4])
+def test_klein_estimate_is_what_loading_holds(tmp_path_factory, quantize):
+    """FLUX.2 [klein]'s layout (one Qwen3 encoder, whose loader drops the LM head and unused layers): the
+    estimate is still the loaded bytes exactly."""
+    folder = tiny_klein.build(tmp_path_factory.mktemp("klein"), distilled=True)
+    pipe = Pipeline.from_pretrained(str(folder), quantize=quantize)
+    layout = memory.Layout.of(ModelFolder.open(str(folder)))
+    got = {c: sum(v.nbytes for _, v in tree_flatten(getattr(pipe, c).parameters())) for c in layout.components}
+    assert {c: memory.component_bytes(folder / c, quantize, layout) for c in layout.components} == got
+
+
 def test_saved_quantized_folder_is_counted_as_written(wide_dir, tmp_path):
     """A folder `save` wrote after quantizing: its headers give the loaded bytes, whatever quantize says."""
     Pipeline.from_pretrained(str(wide_dir), quantize=4).save(tmp_path / "q4")
@@ -37,7 +50,7 @@ def fake_memory(monkeypatch, usable: int):
     """This machine, shrunk so that `usable` bytes remain after the system's reserve."""
     total = 2 * memory.GiB + usable
     assert total - memory.reserve(total) == usable
-    monkeypatch.setattr(memory, "physical_memory", lambda: total)
+    monkeypatch.setattr(footprint, "physical_memory", lambda: total)
 
 
 def test_refuses_before_reading_a_weight(wide_dir, tmp_path, monkeypatch):

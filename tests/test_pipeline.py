@@ -211,13 +211,13 @@ def schnell(schnell_dir):
 @pytest.mark.parametrize("kwargs, words", [
     (dict(prompt=""), "prompt is empty"),
     (dict(prompt="   "), "prompt is empty"),
-    (dict(n=0), "n (the number of images)"),
-    (dict(width=40), "width 40 must be a positive multiple of 16"),
-    (dict(height=24), "height 24 must be a positive multiple of 16"),
+    (dict(n=0), "n must be 1 to 4096, not 0"),
+    (dict(width=40), "width 40 must be a multiple of 16 (try 32)"),
+    (dict(height=24), "height 24 must be a multiple of 16 (try 32)"),
     (dict(latents=np.zeros((2, 63, 16), np.float32)), "latents must have shape (2, 64, 16)"),
     (dict(n=3, latents=np.zeros((2, 64, 16), np.float32)), "latents must have shape (3, 64, 16)"),
     (dict(output_type="jpg"), "output_type must be 'pil' or 'np'"),
-    (dict(steps=0), "steps must be 1 or more"),
+    (dict(steps=0), "steps must be 1 to 1000, not 0"),
     (dict(true_cfg=0.5), "true_cfg must be 1"),
 ])
 def test_bad_generate_arguments(kwargs, words, schnell, monkeypatch):
@@ -289,11 +289,16 @@ def test_diversity_knob_maps_log_scale_onto_the_models_range():
     """Defaults.repulsion, the one mapping from the diversity knob that the CLI, the app and the scripts
     share: scale = lo * (hi / lo) ** D (closed form: D = 0.5 is sqrt(lo * hi)), 3 significant digits,
     with the model's iterations and repelled steps unless overridden."""
-    from mlx_crepulse import Repulsion
-    from mlx_crepulse.pipeline import Defaults
+    from mlx_crepulse import Defaults, Recipe, Repulsion
 
     d = Defaults(repulsion_scale_range=(1.25e4, 1e5), repulsion_iterations=7, repulsion_steps=2)
     assert [d.repulsion_scale(x) for x in (0, 0.5, 1, 1.5)] == [1.25e4, 3.54e4, 1e5, 2.83e5]
     assert d.repulsion_scale(0.5) == float(f"{(1.25e4 * 1e5) ** 0.5:.3g}")
-    assert d.repulsion(0.5) == Repulsion(scale=3.54e4, iterations=7, steps=2, blocks="all")
-    assert d.repulsion(1, blocks="double", steps=3) == Repulsion(scale=1e5, iterations=7, steps=3, blocks="double")
+    assert d.repulsion(0.5) == Repulsion(scale=3.54e4, iterations=7, repelled_steps=2, blocks="all")
+    assert d.repulsion(1, blocks="double", repelled_steps=3) == Repulsion(scale=1e5, iterations=7,
+                                                                          repelled_steps=3, blocks="double")
+    # a recipe's knob and a Repulsion's unset fields resolve through the same mapping
+    assert Recipe("x", n=2, seed=0, diversity=0.5).resolve(d).method == d.repulsion(0.5)
+    assert Recipe("x", n=2, seed=0, diversity=1, method=Repulsion(blocks="double", repelled_steps=3)).resolve(d).method \
+        == d.repulsion(1, blocks="double", repelled_steps=3)
+    assert Recipe("x", n=1, seed=0, diversity=0.5).resolve(d).method is None  # one image: nothing to push apart

@@ -8,6 +8,7 @@ import torch
 
 from mlx_crepulse import CADS, Blend, Cancelled, ParticleGuidance, Pipeline, Repulsion, vendi_score
 from mlx_crepulse import repulsion as rep
+from mlx_crepulse.pipeline import Run
 from tests import tiny
 
 
@@ -126,9 +127,9 @@ def test_pipeline_repulsion_matches_diffusers_with_hooked_update(schnell_dir, bl
     hooked into its blocks, within 2e-3; and repulsion really changed them."""
     pipe = Pipeline.from_pretrained(str(schnell_dir))
     latents = np.random.default_rng(4).standard_normal((3, 64, 16)).astype(np.float32)
-    r = Repulsion(scale=SCALE, iterations=5, steps=2, blocks=blocks)
+    r = Repulsion(scale=SCALE, iterations=5, repelled_steps=2, blocks=blocks)
     kw = dict(negative_prompt="a blue square", true_cfg=true_cfg) if true_cfg > 1 else {}
-    got = pipe.generate("a red circle", n=3, latents=latents, output_type="np", repulsion=r, steps=4, **kw).images
+    got = pipe.generate("a red circle", n=3, latents=latents, output_type="np", method=r, steps=4, **kw).images
     plain = pipe.generate("a red circle", n=3, latents=latents, output_type="np", steps=4, **kw).images
     want = torch_reference(schnell_dir, "a red circle", latents, SCALE, 5, 2, blocks, true_cfg)
     assert np.abs(got - want).max() <= 2e-3
@@ -139,8 +140,8 @@ def test_scale_zero_is_plain_generation_to_the_last_bit(dev_dir):
     """scale=0 runs the hook and changes nothing: images equal plain generation bit for bit."""
     pipe = Pipeline.from_pretrained(str(dev_dir))
     plain = pipe.generate("a red circle", n=3, seed=7, output_type="np").images
-    zero = pipe.generate("a red circle", n=3, seed=7, output_type="np", repulsion=Repulsion(scale=0.0)).images
-    some = pipe.generate("a red circle", n=3, seed=7, output_type="np", repulsion=Repulsion(scale=SCALE, iterations=5)).images
+    zero = pipe.generate("a red circle", n=3, seed=7, output_type="np", method=Repulsion(scale=0.0)).images
+    some = pipe.generate("a red circle", n=3, seed=7, output_type="np", method=Repulsion(scale=SCALE, iterations=5)).images
     assert np.array_equal(plain, zero)
     assert np.abs(some - plain).max() > 1e-2
 
@@ -149,7 +150,7 @@ def test_repulsion_raises_contextual_entropy(schnell_dir):
     """Recorded after the middle double block, the batch's signatures are more spread with repulsion."""
     pipe = Pipeline.from_pretrained(str(schnell_dir))
     plain = pipe.generate("a red circle", n=4, seed=1, output_type="np")
-    pushed = pipe.generate("a red circle", n=4, seed=1, output_type="np", repulsion=Repulsion(scale=SCALE, iterations=10))
+    pushed = pipe.generate("a red circle", n=4, seed=1, output_type="np", method=Repulsion(scale=SCALE, iterations=10))
     assert vendi_score(pushed.signatures) > vendi_score(plain.signatures)
 
 
@@ -161,14 +162,14 @@ def test_bad_settings_fail_before_any_work(schnell_dir, bad, match):
     pipe = Pipeline.from_pretrained(str(schnell_dir))
     calls = []
     with pytest.raises(ValueError, match=match):
-        pipe.generate("a red circle", n=2, repulsion=Repulsion(**bad), callback=lambda p: calls.append(p))
+        pipe.generate("a red circle", n=2, method=Repulsion(**bad), callback=lambda p: calls.append(p))
     assert not calls
 
 
 def test_repulsion_needs_two_images_but_plain_n1_works(schnell_dir):
     pipe = Pipeline.from_pretrained(str(schnell_dir))
     with pytest.raises(ValueError, match="at least 2"):
-        pipe.generate("a red circle", n=1, repulsion=Repulsion())
+        pipe.generate("a red circle", n=1, method=Repulsion())
     assert len(pipe.generate("a red circle", n=1, seed=0).images) == 1
 
 
@@ -180,9 +181,10 @@ def test_particle_guidance_raises_pairwise_latent_distance(schnell_dir):
     latents = np.random.default_rng(5).standard_normal((4, 64, 16)).astype(np.float32)
 
     def spread(method):
-        x = None
-        for _, x, _, _ in pipe.sample(mx.array(latents), *pipe.encode("a red circle", tiny.SEQ), None,
-                                      [1.0, 0.75, 0.5, 0.25, 0.0], None, 1.0, 8, 8, method):
+        recipe = pipe.resolve("a red circle", n=4, seed=0, method=method, max_sequence_length=tiny.SEQ)
+        x = mx.array(latents)
+        run = Run(recipe, x, x, [1.0, 0.75, 0.5, 0.25, 0.0], *pipe.encode("a red circle", tiny.SEQ), None, 8, 8)
+        for _, x, _, _ in pipe.sample(run):
             pass
         f = np.array(x).reshape(4, -1)
         return np.mean([np.linalg.norm(f[i] - f[j]) for i in range(4) for j in range(i + 1, 4)])
@@ -221,9 +223,9 @@ def test_image_token_repulsion_is_another_method(schnell_dir):
     """Repelling image tokens instead of text tokens changes the images, differently from text repulsion."""
     pipe = Pipeline.from_pretrained(str(schnell_dir))
     base = pipe.generate("a red circle", n=3, seed=2, output_type="np").images
-    text = pipe.generate("a red circle", n=3, seed=2, output_type="np", repulsion=Repulsion(scale=SCALE, iterations=5, blocks="double")).images
+    text = pipe.generate("a red circle", n=3, seed=2, output_type="np", method=Repulsion(scale=SCALE, iterations=5, blocks="double")).images
     image = pipe.generate("a red circle", n=3, seed=2, output_type="np",
-                          repulsion=Repulsion(scale=SCALE, iterations=5, blocks="double", tokens="image")).images
+                          method=Repulsion(scale=SCALE, iterations=5, blocks="double", tokens="image")).images
     assert np.abs(image - base).max() > 1e-3 and np.abs(image - text).max() > 1e-3
 
 
@@ -240,7 +242,7 @@ def test_reference_set_pushes_a_new_batch_away_from_what_was_seen(schnell_dir):
         return (a.astype(np.float32) @ b.astype(np.float32).T).max(1).mean()
     plain = pipe.generate("a red circle", n=4, seed=20, output_type="np").signatures
     away = pipe.generate("a red circle", n=4, seed=20, output_type="np",
-                         repulsion=Repulsion(scale=0.0, iterations=10, reference=seen, reference_scale=30.0)).signatures
+                         method=Repulsion(scale=0.0, iterations=10, reference=seen, reference_scale=30.0)).signatures
     assert nearest(away) < nearest(plain)
     assert np.zeros((1000, rep.SIGNATURE_DIM), np.float16).nbytes < 1_000_000
     assert rep.signature(mx.zeros((1, 4, 3072))).shape == (1, rep.SIGNATURE_DIM)
@@ -253,8 +255,8 @@ def test_blend_of_repelled_images_reproduces_them_and_moves_between(schnell_dir,
     regenerated alone is another picture; weight 0 on A's noise is A; larger weights move farther from A.
     With true CFG both branches are recorded and replayed."""
     pipe = Pipeline.from_pretrained(str(schnell_dir))
-    r = Repulsion(scale=SCALE, iterations=5, steps=2, blocks="all")
-    kw = dict(n=4, seed=3, repulsion=r, true_cfg=true_cfg)
+    r = Repulsion(scale=SCALE, iterations=5, repelled_steps=2, blocks="all")
+    kw = dict(n=4, seed=3, method=r, true_cfg=true_cfg)
     batch = pipe.generate("a red circle", output_type="np", **kw)
     alone = pipe.generate("a red circle", n=1, latents=batch.noise[1:2], output_type="np", true_cfg=true_cfg).images[0]
     assert np.abs(alone - batch.images[1]).max() > 1e-2  # what blending A used to start from
@@ -262,7 +264,7 @@ def test_blend_of_repelled_images_reproduces_them_and_moves_between(schnell_dir,
     assert a.steps == 3 and a.context[(0, 0)].shape[0] == (2 if true_cfg > 1 else 1)
     latents = batch.noise[[1, 3, 1, 1, 1]]
     out = pipe.generate("a red circle", n=5, latents=latents, output_type="np", true_cfg=true_cfg,
-                        blend=Blend([0.0, 0.5, 1.5], steps=3, sources=(a, b))).images
+                        blend=Blend([0.0, 0.5, 1.5], blended_steps=3, sources=(a, b))).images
     np.testing.assert_allclose(out[0], batch.images[1], atol=1e-5)
     np.testing.assert_allclose(out[1], batch.images[3], atol=1e-5)
     np.testing.assert_allclose(out[2], batch.images[1], atol=1e-5)
@@ -270,15 +272,15 @@ def test_blend_of_repelled_images_reproduces_them_and_moves_between(schnell_dir,
     assert d[0] < d[1] < d[2]
     # A's edits alone (steps 0: no context swapped) on A's own noise bring A back as well: the app's variations
     only_edits = pipe.generate("a red circle", n=2, latents=latents[[0, 0]], output_type="np", true_cfg=true_cfg,
-                               blend=Blend([], steps=0, sources=(a, a))).images
+                               blend=Blend([], blended_steps=0, sources=(a, a))).images
     np.testing.assert_allclose(only_edits, batch.images[[1, 1]], atol=1e-5)
     # a blend of two blended images: recording the blend batch replays its own blend, so they come back too
     # (recorded over the steps that blend acts in, however few are asked for: the app's variations ask for 0)
-    blended = dict(n=5, latents=latents, true_cfg=true_cfg, blend=Blend([0.0, 0.5, 1.5], steps=3, sources=(a, b)))
+    blended = dict(n=5, latents=latents, true_cfg=true_cfg, blend=Blend([0.0, 0.5, 1.5], blended_steps=3, sources=(a, b)))
     c, e = pipe.record("a red circle", [3, 4], record_steps=0, **blended)
     assert c.steps == 3
     again = pipe.generate("a red circle", n=3, latents=latents[[3, 4, 3]], output_type="np", true_cfg=true_cfg,
-                          blend=Blend([0.5], steps=3, sources=(c, e))).images
+                          blend=Blend([0.5], blended_steps=3, sources=(c, e))).images
     np.testing.assert_allclose(again[:2], out[3:5], atol=1e-5)
 
 
@@ -287,15 +289,15 @@ def test_blend_and_record_refuse_what_cannot_be_replayed(schnell_dir):
     a, b = pipe.record("a red circle", [0, 1], n=2, seed=1)
     noise = pipe.noise([1, 2, 1])
     with pytest.raises(ValueError, match="alphas"):
-        Blend([2.0], sources=(a, b)).validate(3, a.settings)
+        Blend([2.0], sources=(a, b)).check(3)
     with pytest.raises(ValueError, match="recordings"):
         pipe.generate("a red circle", n=3, latents=noise, blend=Blend([0.5]))
     with pytest.raises(ValueError, match="prompt was 'a red circle'"):  # contexts of another prompt
         pipe.generate("a blue square", n=3, latents=noise, blend=Blend([0.5], sources=(a, b)))
     with pytest.raises(ValueError, match="3 steps"):
-        pipe.generate("a red circle", n=3, latents=noise, blend=Blend([0.5], steps=3, sources=(a, b)))
+        pipe.generate("a red circle", n=3, latents=noise, blend=Blend([0.5], blended_steps=3, sources=(a, b)))
     with pytest.raises(ValueError, match="ParticleGuidance"):
-        pipe.record("a red circle", [0], n=2, repulsion=ParticleGuidance(0.5))
+        pipe.record("a red circle", [0], n=2, method=ParticleGuidance(0.5))
     with pytest.raises(ValueError, match="rows"):
         pipe.record("a red circle", [2], n=2)
     steps = []  # the callback sees each recorded step and can stop the recording, as generate's can

@@ -330,3 +330,36 @@ def test_unknown_source_and_bad_quantize(tmp_path, monkeypatch):
     monkeypatch.setattr(weights, "resolve", lambda *a, **k: pytest.fail("resolved before checking"))
     with pytest.raises(ValueError, match="quantize must be None, 4 or 8"):
         Pipeline.from_pretrained("schnell", quantize=3)
+
+
+@pytest.mark.parametrize("component, change, words", [
+    ("transformer", lambda c: c.pop("num_layers"), "FluxParams config lacks num_layers"),
+    ("transformer", lambda c: c.update(num_layer=2), "FluxParams config has unknown key(s) num_layer"),
+    ("vae", lambda c: c.pop("scaling_factor"), "VAEParams config lacks scaling_factor"),
+])
+def test_config_is_typed(model_dir, no_weight_loading, component, change, words):
+    """A config missing a field the model needs, or with a key that is not one of the diffusers model's
+    arguments, is one WeightsError naming the key and the file, before any weights load (it used to
+    fall back silently to full-size FLUX's 19 blocks, or to Stable Diffusion's VAE scale)."""
+    path = model_dir / component / "config.json"
+    config = json.loads(path.read_text())
+    change(config)
+    path.write_text(json.dumps(config))
+    msg = load_error(model_dir)
+    assert words in msg and str(path) in msg
+
+
+def test_damaged_tokenizer_json(model_dir, no_weight_loading):
+    """A tokenizer.json cut to `{`: one WeightsError saying it is damaged, before any weights load (the
+    CLI used to count tokens first and show a traceback)."""
+    (model_dir / "tokenizer_2" / "tokenizer.json").write_text("{")
+    msg = load_error(model_dir)
+    assert "tokenizer_2" in msg and "tokenizer.json is damaged" in msg and "download" in msg
+    assert "sentencepiece" not in msg
+
+
+def test_crepulse_json_with_a_bad_setting(model_dir, no_weight_loading):
+    """A crepulse.json whose scale range is not two numbers: one WeightsError naming the field and file."""
+    (model_dir / "crepulse.json").write_text(json.dumps({"repulsion_scale_range": "big"}))
+    msg = load_error(model_dir)
+    assert "repulsion_scale_range must be [low, high]" in msg and "crepulse.json" in msg

@@ -6,8 +6,13 @@ given noise); `decode` takes raw latents: scaling and shifting are the pipeline'
 reads them from `scaling_factor` and `shift_factor`.
 """
 
+from dataclasses import dataclass
+from typing import Optional
+
 import mlx.core as mx
 import mlx.nn as nn
+
+from .config import ConfigError, from_config
 
 EPS = 1e-6  # diffusers' Encoder/Decoder hard-code resnet_eps and conv_norm_out eps to 1e-6
 
@@ -111,24 +116,46 @@ class UpDecoderBlock2D(nn.Module):
         return x
 
 
-def _check(config: dict):
-    types = set(config.get("down_block_types", [])) | set(config.get("up_block_types", []))
-    if config.get("act_fn", "silu") != "silu" or not types <= {"DownEncoderBlock2D", "UpDecoderBlock2D"}:
-        raise ValueError(f"unsupported AutoencoderKL: act_fn {config.get('act_fn')}, blocks {sorted(types)}")
+@dataclass(frozen=True)
+class VAEParams:
+    """diffusers' AutoencoderKL config. `scaling_factor` has no default: FLUX's (0.3611) and Stable
+    Diffusion's (0.18215) differ, and a wrong one gives washed-out or burnt images, not an error."""
+    block_out_channels: tuple
+    layers_per_block: int
+    latent_channels: int
+    scaling_factor: float
+    shift_factor: Optional[float] = None
+    in_channels: int = 3
+    out_channels: int = 3
+    norm_num_groups: int = 32
+    act_fn: str = "silu"
+    down_block_types: tuple = ("DownEncoderBlock2D",)
+    up_block_types: tuple = ("UpDecoderBlock2D",)
+    mid_block_add_attention: bool = True
+    use_quant_conv: bool = True
+    use_post_quant_conv: bool = True
+
+    @classmethod
+    def from_config(cls, config: dict) -> "VAEParams":
+        p = from_config(cls, config, ignored=("sample_size", "force_upcast", "latents_mean", "latents_std"))
+        types = set(p.down_block_types) | set(p.up_block_types)
+        if p.act_fn != "silu" or not types <= {"DownEncoderBlock2D", "UpDecoderBlock2D"}:
+            raise ConfigError(f"unsupported AutoencoderKL: act_fn {p.act_fn}, blocks {sorted(types)}")
+        return p
 
 
 class Encoder(nn.Module):
-    def __init__(self, config: dict):
+    def __init__(self, p: VAEParams):
         super().__init__()
-        ch, n, groups = config["block_out_channels"], config["layers_per_block"], config.get("norm_num_groups", 32)
-        self.conv_in = nn.Conv2d(config.get("in_channels", 3), ch[0], 3, padding=1)
+        ch, n, groups = p.block_out_channels, p.layers_per_block, p.norm_num_groups
+        self.conv_in = nn.Conv2d(p.in_channels, ch[0], 3, padding=1)
         self.down_blocks = [
             DownEncoderBlock2D(groups, ch[max(i - 1, 0)], ch[i], n, downsample=i < len(ch) - 1)
             for i in range(len(ch))
         ]
-        self.mid_block = UNetMidBlock2D(groups, ch[-1], config.get("mid_block_add_attention", True))
+        self.mid_block = UNetMidBlock2D(groups, ch[-1], p.mid_block_add_attention)
         self.conv_norm_out = group_norm(groups, ch[-1])
-        self.conv_out = nn.Conv2d(ch[-1], 2 * config.get("latent_channels", 4), 3, padding=1)
+        self.conv_out = nn.Conv2d(ch[-1], 2 * p.latent_channels, 3, padding=1)
 
     def __call__(self, x):
         x = self.conv_in(x)
@@ -138,18 +165,18 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    def __init__(self, config: dict):
+    def __init__(self, p: VAEParams):
         super().__init__()
-        ch = config["block_out_channels"][::-1]  # deepest first, as diffusers builds the decoder
-        n, groups = config["layers_per_block"], config.get("norm_num_groups", 32)
-        self.conv_in = nn.Conv2d(config.get("latent_channels", 4), ch[0], 3, padding=1)
-        self.mid_block = UNetMidBlock2D(groups, ch[0], config.get("mid_block_add_attention", True))
+        ch = list(p.block_out_channels)[::-1]  # deepest first, as diffusers builds the decoder
+        n, groups = p.layers_per_block, p.norm_num_groups
+        self.conv_in = nn.Conv2d(p.latent_channels, ch[0], 3, padding=1)
+        self.mid_block = UNetMidBlock2D(groups, ch[0], p.mid_block_add_attention)
         self.up_blocks = [
             UpDecoderBlock2D(groups, ch[max(i - 1, 0)], ch[i], n + 1, upsample=i < len(ch) - 1)
             for i in range(len(ch))
         ]
         self.conv_norm_out = group_norm(groups, ch[-1])
-        self.conv_out = nn.Conv2d(ch[-1], config.get("out_channels", 3), 3, padding=1)
+        self.conv_out = nn.Conv2d(ch[-1], p.out_channels, 3, padding=1)
 
     def __call__(self, z):
         x = self.mid_block(self.conv_in(z))
@@ -161,16 +188,16 @@ class Decoder(nn.Module):
 class AutoencoderKL(nn.Module):
     def __init__(self, config: dict):
         super().__init__()
-        _check(config)
+        p = self.params = VAEParams.from_config(config)
         self.config = dict(config)  # kept for saving; holds no arrays
-        self.scaling_factor = float(config.get("scaling_factor", 0.18215))
-        self.shift_factor = float(config.get("shift_factor") or 0.0)
-        self.encoder = Encoder(config)
-        self.decoder = Decoder(config)
-        latent = config.get("latent_channels", 4)
-        if config.get("use_quant_conv", True):
+        self.scaling_factor = float(p.scaling_factor)
+        self.shift_factor = float(p.shift_factor or 0.0)
+        self.encoder = Encoder(p)
+        self.decoder = Decoder(p)
+        latent = p.latent_channels
+        if p.use_quant_conv:
             self.quant_conv = nn.Conv2d(2 * latent, 2 * latent, 1)
-        if config.get("use_post_quant_conv", True):
+        if p.use_post_quant_conv:
             self.post_quant_conv = nn.Conv2d(latent, latent, 1)
 
     def encode_moments(self, x: mx.array):

@@ -9,15 +9,14 @@ One narrow hook lets repulsion, blending and their baselines act on the hidden s
 and after single-stream block `index` (kind "single", with the joint sequence split at the text length).
 """
 
-import contextlib
-import ctypes
-import functools
 import math
-import threading
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
+
+from .config import from_config
 
 Hook = Callable[[str, int, mx.array, mx.array], tuple]
 
@@ -93,59 +92,19 @@ class AdaNorm(nn.Module):
         return mx.split(self.linear(nn.silu(vec))[:, None, :], self.n, axis=-1)
 
 
-# Eigen's rational approximation of tanh (as XLA uses on CPUs), within 5e-7 of tanh in float32.
-_TANH_P = (-2.76076847742355e-16, 2.00018790482477e-13, -8.60467152213735e-11, 5.12229709037114e-08,
-           1.48572235717979e-05, 6.37261928875436e-04, 4.89352455891786e-03)
-_TANH_Q = (1.19825839466702e-06, 1.18534705686654e-04, 2.26843463243900e-03, 4.89352518554385e-03)
-
-
-@mx.compile
-def _gelu_tanh_rational(x):
-    y = mx.clip(math.sqrt(2 / math.pi) * (x + 0.044715 * x * x * x), -7.90531110763549805, 7.90531110763549805)
-    y2 = y * y
-    p, q = _TANH_P[0], _TANH_Q[0]
-    for c in _TANH_P[1:]:
-        p = p * y2 + c
-    for c in _TANH_Q[1:]:
-        q = q * y2 + c
-    return 0.5 * x * (1 + y * p / q)
-
-
-def gelu_tanh(x):
-    """diffusers' GELU(approximate="tanh"). MLX's CPU build computes tanh some 50x slower than a
-    multiply, so on the CPU a compiled rational approximation (within 1.5e-6) takes a third of the
-    time; on the GPU tanh is cheap and MLX's own fused GELU is used."""
-    if mx.default_device() == mx.cpu:
-        return _gelu_tanh_rational(x)
+def plain_gelu_tanh(x):
+    """diffusers' GELU(approximate="tanh")."""
     return nn.gelu_approx(x)
 
 
-@mx.compile
-def _exp_nonpositive(x):
-    """exp(x) for x <= 0 without MLX's slow CPU exp: exp(x / 256) from its Taylor series, squared 8
-    times (relative error below 3e-5; softmax weights only)."""
-    y = mx.maximum(x, -87.0) * (1 / 256)
-    p = 1 + y * (1 + y * (1 / 2 + y * (1 / 6 + y * (1 / 24 + y * (1 / 120 + y * (1 / 720 + y / 5040))))))
-    for _ in range(8):
-        p = p * p
-    return p
+def plain_attention(q, k, v, scale: float):
+    return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
 
 
-def attention(q, k, v, scale: float):
-    """Softmax attention. On the CPU MLX's fused attention falls back to matmul, exp and matmul anyway,
-    and its exp is the slow part, so the softmax is written out with a cheaper exp (27% less time for
-    the whole attention, within 2e-6 of it); on the GPU, MLX's fused kernel."""
-    if mx.default_device() != mx.cpu:
-        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
-    s = q @ k.swapaxes(-1, -2)
-    p = _softmax_numerator(s, s.max(axis=-1, keepdims=True), mx.array(scale, s.dtype))
-    return (p @ v) / p.sum(axis=-1, keepdims=True)
-
-
-@mx.compile
-def _softmax_numerator(s, s_max, scale):
-    # one pass over the (B, heads, S, S) scores: scaling, the max subtraction and exp fused
-    return _exp_nonpositive((s - s_max) * scale)
+# The two kernel slots a backend may fill with its own forms of the same functions (mlx_crepulse/cpu.py
+# does, on the CPU); the blocks look them up when they run.
+gelu_tanh = plain_gelu_tanh
+attention = plain_attention
 
 
 def layer_norm(x):
@@ -259,26 +218,42 @@ class SingleStreamBlock(nn.Module):
         return gated(x, gate, self.proj_out(mx.concatenate([self.attn(h, pe), mlp], axis=-1)))
 
 
+@dataclass(frozen=True)
+class FluxParams:
+    """diffusers' FluxTransformer2DModel config (FLUX.1: 19 + 38 blocks, 24 heads of 128)."""
+    num_attention_heads: int
+    attention_head_dim: int
+    num_layers: int
+    num_single_layers: int
+    in_channels: int
+    joint_attention_dim: int
+    pooled_projection_dim: int
+    guidance_embeds: bool = False
+    axes_dims_rope: tuple = (16, 56, 56)
+    out_channels: Optional[int] = None
+    patch_size: int = 1
+
+    @classmethod
+    def from_config(cls, config: dict) -> "FluxParams":
+        return from_config(cls, config)
+
+
 class FluxTransformer(nn.Module):
     def __init__(self, config: dict):
         super().__init__()
         self.config = dict(config)
-        heads, head_dim = config["num_attention_heads"], config["attention_head_dim"]
-        dim = heads * head_dim
-        self.axes_dim = list(config.get("axes_dims_rope", (16, 56, 56)))
-        self.guidance_embeds = bool(config.get("guidance_embeds", False))
-        in_ch = config.get("in_channels", 64)
-        out_ch = config.get("out_channels") or in_ch
-        patch = config.get("patch_size", 1)
-        self.x_embedder = nn.Linear(in_ch, dim)
-        self.context_embedder = nn.Linear(config.get("joint_attention_dim", 4096), dim)
-        self.time_text_embed = TimeTextEmbed(dim, config.get("pooled_projection_dim", 768), self.guidance_embeds)
-        self.transformer_blocks = [DoubleStreamBlock(dim, heads, head_dim) for _ in range(config.get("num_layers", 19))]
-        self.single_transformer_blocks = [
-            SingleStreamBlock(dim, heads, head_dim) for _ in range(config.get("num_single_layers", 38))
-        ]
+        p = self.params = FluxParams.from_config(config)
+        heads, head_dim = p.num_attention_heads, p.attention_head_dim
+        dim = self.inner_dim = heads * head_dim
+        self.axes_dim = list(p.axes_dims_rope)
+        self.guidance_embeds = bool(p.guidance_embeds)
+        self.x_embedder = nn.Linear(p.in_channels, dim)
+        self.context_embedder = nn.Linear(p.joint_attention_dim, dim)
+        self.time_text_embed = TimeTextEmbed(dim, p.pooled_projection_dim, self.guidance_embeds)
+        self.transformer_blocks = [DoubleStreamBlock(dim, heads, head_dim) for _ in range(p.num_layers)]
+        self.single_transformer_blocks = [SingleStreamBlock(dim, heads, head_dim) for _ in range(p.num_single_layers)]
         self.norm_out = AdaNorm(dim, 2)
-        self.proj_out = nn.Linear(dim, patch * patch * out_ch)
+        self.proj_out = nn.Linear(dim, p.patch_size * p.patch_size * (p.out_channels or p.in_channels))
 
     def pos_embed(self, txt_ids: mx.array, img_ids: mx.array) -> tuple:
         """RoPE for the joint sequence; computed once per generation and passed to every call."""
@@ -294,35 +269,7 @@ class FluxTransformer(nn.Module):
         batch 1 or B; pe: `pos_embed(...)`. Returns the velocity prediction (B, S_img, out)."""
         img = self.x_embedder(img)
         txt = self.context_embedder(txt)  # one prompt for the batch: embedded once, broadcast in the blocks
-        if hook is None and img.shape[0] > 1 and mx.default_device() == mx.cpu:
-            return self._on_two_cpu_streams(img, txt, vec, pe)
         return self._blocks(img, txt, vec, pe, hook)
-
-    def _on_two_cpu_streams(self, img, txt, vec, pe):
-        """MLX's CPU build runs each stream on its own thread, but every elementwise op (softmax, GELU,
-        norms: 40% of a forward here) on one thread. So on the CPU, when no hook needs the whole batch
-        at each block, the two halves of the batch run side by side on two streams (with one OpenBLAS
-        thread each, 5.2 s per image against 6.6 s on one stream, for a batch of 4 at the benchmark's
-        configuration), with the same numbers: each image is computed alone either way. The GPU is
-        parallel already and never takes this path."""
-        half = (img.shape[0] + 1) // 2
-        streams = (mx.default_stream(mx.cpu), _second_cpu_stream())
-        outs = []
-        for part, stream in zip((slice(0, half), slice(half, None)), streams):
-            with mx.stream(stream):
-                outs.append(self._blocks(img[part], txt if txt.shape[0] == 1 else txt[part],
-                                         vec if vec.shape[0] == 1 else vec[part], pe, None))
-        out = mx.concatenate(outs)
-        blas = openblas_threads()
-        if blas is not None and blas[1]() > 1:
-            # With OpenBLAS (preloaded on Linux) each stream's matmuls would start their own pool of
-            # threads, twice as many as cores, spinning against the other stream's elementwise ops: one
-            # BLAS thread per stream took 13-20% less time here. The count is read when a matmul runs,
-            # so this forward is evaluated now, under it. A caller that holds `one_blas_thread()`
-            # already (training, under mx.grad and mx.compile) keeps it lazy.
-            with one_blas_thread():
-                mx.eval(out)
-        return out
 
     def _blocks(self, img, txt, vec, pe, hook):
         if txt.shape[0] != img.shape[0]:
@@ -340,41 +287,3 @@ class FluxTransformer(nn.Module):
         img = x[:, n_txt:]
         scale, shift = self.norm_out(vec)  # diffusers' AdaLayerNormContinuous: scale first
         return self.proj_out(modulate(img, shift, scale))
-
-
-_THREAD = threading.local()
-
-
-def _second_cpu_stream():
-    """MLX's streams belong to the thread that made them (the app runs the engine on a worker thread)."""
-    if getattr(_THREAD, "cpu_stream", None) is None:
-        _THREAD.cpu_stream = mx.new_stream(mx.cpu)
-    return _THREAD.cpu_stream
-
-
-@functools.lru_cache(maxsize=None)
-def openblas_threads():
-    """(set, get) of OpenBLAS's thread count when MLX's CPU matmuls run on it, else None (macOS's
-    Accelerate, the MLX wheel's own BLAS)."""
-    try:
-        lib = ctypes.CDLL(None)
-        return lib.openblas_set_num_threads, lib.openblas_get_num_threads
-    except (OSError, AttributeError):
-        return None
-
-
-@contextlib.contextmanager
-def one_blas_thread():
-    """OpenBLAS at one thread inside the block (the count put back after), so that the CPU's two
-    streams get one BLAS thread each; does nothing where MLX's matmuls do not run on OpenBLAS."""
-    blas = openblas_threads()
-    if blas is None:
-        yield
-        return
-    set_threads, get_threads = blas
-    threads = get_threads()
-    set_threads(1)
-    try:
-        yield
-    finally:
-        set_threads(threads)
