@@ -44,7 +44,7 @@ STEP="python $HERE/scripts/full_size_step.py"  # word-split on purpose: /usr/bin
 for s in $STEPS; do
   case $s in
     load)
-      for q in 4 8; do
+      for q in ${BITS:-4 8}; do  # BITS=4 for the 4-bit rows only
         measure "from_pretrained q$q" json $STEP load "$SCHNELL" -q $q
         measure "from_pretrained q$q low_memory" json $STEP load "$SCHNELL" -q $q --low-memory
       done ;;
