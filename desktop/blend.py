@@ -1,5 +1,9 @@
 """The blend dialog: favourite A, another favourite B of the same prompt, and a slider for alpha from
--0.5 (beyond A, away from B) through 0 (A) and 1 (B) to 1.5 (beyond B)."""
+-0.5 (away from B) through 0 (A) and 1 (B's context) to 1.5 (beyond it).
+
+A blend keeps A's noise, as the paper's contextual blending does, and moves A's enriched text tokens
+toward B's during the first steps: at alpha 1 the image has B's context on A's noise, which is B's look
+in A's layout, not B itself (B's own row of the blend batch is B)."""
 
 from PySide6.QtCore import QSize, Qt
 from PySide6.QtGui import QIcon, QImage, QPixmap
@@ -12,18 +16,18 @@ from .viewer import ImageView
 
 def alpha_words(a: float) -> str:
     if a < 0:
-        return "beyond A, away from B"
+        return "A, pushed away from B's context"
     if a == 0:
         return "A"
     if a < 0.5:
-        return "mostly A"
+        return "A, a little of B's context"
     if a == 0.5:
-        return "halfway"
+        return "halfway to B's context"
     if a < 1:
-        return "mostly B"
+        return "mostly B's context, A's layout"
     if a == 1:
-        return "B"
-    return "beyond B"
+        return "B's context on A's noise"
+    return "beyond B's context"
 
 
 class BlendDialog(QDialog):
@@ -63,7 +67,7 @@ class BlendDialog(QDialog):
         form = QFormLayout()
         form.addRow("B", self.b_choice)
         scale = QHBoxLayout()
-        for text, stretch in (("-0.5", 1), ("0 = A", 2), ("0.5", 2), ("1 = B", 2), ("1.5", 1)):
+        for text, stretch in (("-0.5", 1), ("0 = A", 2), ("0.5", 2), ("1 = B's context", 2), ("1.5", 1)):
             lab = QLabel(text)
             lab.setObjectName("hint")
             lab.setAlignment(Qt.AlignmentFlag.AlignCenter if stretch == 2 else

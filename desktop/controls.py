@@ -29,10 +29,13 @@ def tick_of(diversity: Optional[float]) -> int:
 DEFAULT_TICK = tick_of(DEFAULT_DIVERSITY)  # the CLI's default, so one seed makes the same batch in both
 
 
+WORDS = ["faint", "subtle", "gentle", "mild", "moderate", "lively", "strong", "bold", "wild"]  # one a tick
+
+
 def diversity_words(tick: int) -> str:
     if tick <= 0:
         return "off \u2014 plain seeds"
-    return ["subtle", "subtle", "gentle", "gentle", "moderate", "strong", "strong", "bold", "wild"][tick - 1]
+    return WORDS[tick - 1]
 
 
 class Form(QWidget):
@@ -93,8 +96,8 @@ class Form(QWidget):
         self.diversity_label = QLabel()
         self.diversity.valueChanged.connect(self._diversity_changed)
         ends = QHBoxLayout()
-        for text, align in (("off", Qt.AlignmentFlag.AlignLeft), ("subtle", Qt.AlignmentFlag.AlignCenter),
-                            ("wild", Qt.AlignmentFlag.AlignRight)):
+        for text, align in (("off", Qt.AlignmentFlag.AlignLeft), (diversity_words(DEFAULT_TICK), Qt.AlignmentFlag.AlignCenter),
+                            (diversity_words(DIVERSITY_TICKS), Qt.AlignmentFlag.AlignRight)):
             lab = QLabel(text)
             lab.setObjectName("hint")
             lab.setAlignment(align)
@@ -218,10 +221,12 @@ class Form(QWidget):
     def set_source(self, source: str):
         """Select a model; a folder not in the list yet is added to it."""
         i = self.model.findData(source)
-        if i < 0:
+        if i < 0:  # inserted with signals off: the shifted "Choose a folder" item must not fire again
             i = self.model.count() - 1
+            blocked = self.model.blockSignals(True)
             self.model.insertItem(i, models.label(source), source)
             self.model.setItemData(i, source, Qt.ItemDataRole.ToolTipRole)
+            self.model.blockSignals(blocked)
         self.model.setCurrentIndex(i)
 
     def prompt_text(self) -> str:
@@ -238,8 +243,10 @@ class Form(QWidget):
                       method=Repulsion() if diversity is not None else None,
                       seed=self.seed.value() if self.seed.value() >= 0 else random_seed(self.n.value()))
 
-    def load_recipe(self, recipe: dict):
-        """Put a stored batch's settings into the form (prompt, model, size, steps, seed, diversity)."""
+    def load_recipe(self, recipe: dict, defaults: Optional[dict] = None):
+        """Put a stored batch's prompt, model, batch size and diversity into the form, and its steps and
+        size where they differ from the model's `defaults` (when known). The seed stays random: a fixed
+        seed left in the form made every later batch the same one (Run again makes that batch exactly)."""
         self.prompt.setPlainText(recipe.get("prompt", ""))
         if recipe.get("model"):
             self.set_source(recipe["model"])
@@ -247,10 +254,10 @@ class Form(QWidget):
         if i >= 0:
             self.precision.setCurrentIndex(i)
         self.n.setValue(int(recipe.get("n") or 4))
-        self.steps.setValue(int(recipe.get("steps") or 0))
-        self.width_.setValue(int(recipe.get("width") or 0))
-        self.height_.setValue(int(recipe.get("height") or 0))
-        self.seed.setValue(int(recipe.get("seed", -1)))
+        for spin, key in ((self.steps, "steps"), (self.width_, "width"), (self.height_, "height")):
+            value = recipe.get(key) or 0
+            spin.setValue(0 if defaults is None or value == defaults.get(key) else int(value))
+        self.seed.setValue(-1)
         app = recipe.get("app", {})
         if "diversity" in app:
             self.diversity.setValue(tick_of(app["diversity"]))

@@ -42,7 +42,7 @@ def recipe_fields(recipe: dict, image=None) -> list:
 def diversity_text(recipe: dict) -> str:
     """'moderate (scale 5.7e+08)', 'off', or the method's own description for other methods."""
     method = recipe.get("method")
-    d = recipe.get("app", {}).get("diversity")
+    d = recipe.get("app", {}).get("diversity", recipe.get("diversity"))
     if method is None:
         return "off"
     if isinstance(method, dict) and method.get("name") == "contextual" and d is not None:

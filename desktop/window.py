@@ -110,7 +110,9 @@ class MainWindow(QMainWindow):
         self.pinned = None  # an image pinned for comparison
         self.dialogs = []  # open viewers and comparisons
         self.defaults = {}  # source -> the model's defaults, once loaded
-        self.ask = lambda title, text: QMessageBox.question(self, title, text) == QMessageBox.StandardButton.Yes
+        no, yes = QMessageBox.StandardButton.No, QMessageBox.StandardButton.Yes
+        # the safe answer is the default: a download of many gigabytes, a model that may not fit
+        self.ask = lambda title, text: QMessageBox.question(self, title, text, yes | no, no) == yes
 
         self._lay_out()
         self._wire()
@@ -328,7 +330,7 @@ class MainWindow(QMainWindow):
         self.progress_label.setText("Starting\u2026")
         self.tabs.setCurrentIndex(0)
         self.title.setText(job.prompt)
-        self.info.setText(f"{KINDS.get(job.kind, job.kind)} \u00b7 {job.n} images \u00b7 {models.label(job.source)}"
+        self.info.setText(f"{KINDS.get(job.kind, job.kind)} \u00b7 {plural(job.n, 'image')} \u00b7 {models.label(job.source)}"
                           " \u00b7 working\u2026")
         self.grid.set_placeholders(job.n, job.labels)
         self._update_actions()
@@ -393,8 +395,9 @@ class MainWindow(QMainWindow):
         return self.start(refine.rerun(self.history, batch, low_memory=self.form.low_memory.isChecked()))
 
     def use_settings(self, batch):
-        self.form.load_recipe(batch.recipe)
-        self.statusBar().showMessage("settings loaded into the form: Ctrl+Enter makes the batch again", 6000)
+        self.form.load_recipe(batch.recipe, self.defaults.get(batch.recipe.get("model")))
+        self.statusBar().showMessage("settings loaded into the form, with a new seed (Run again makes that very "
+                                     "batch)", 6000)
         self.form.prompt.setFocus()
 
     # --- engine signals ----------------------------------------------------------------------------
@@ -447,7 +450,8 @@ class MainWindow(QMainWindow):
         self.show_batch(batch_id)
         b = self.batch
         self.progress_label.setText(f"{plural(len(b.images), 'image')} in {b.seconds:.1f} s")
-        self.history_view.refresh()
+        self.history_view.refresh(select_batch=batch_id)  # History follows: Run again and Export act on it
+        self.grid.setFocus()  # keys now move, star and open; typed into the prompt they changed it
         if job.kind != "generate":
             self.statusBar().showMessage(f"{KINDS.get(job.kind, job.kind)}: batch {batch_id}", 6000)
         self.batch_shown.emit(batch_id)
@@ -554,16 +558,24 @@ class MainWindow(QMainWindow):
         else:
             self.compare(self.pinned, im)
             self.pinned = None
+            self.statusBar().clearMessage()
         self._update_actions()
 
     def _keep(self, dialog):
-        self.dialogs = [d for d in self.dialogs if d.isVisible()] + [dialog]
+        """Show a viewer or comparison; it deletes itself on close, and leaves the list as it goes (a dead
+        wrapper left in the list broke the next open and the window's own closing)."""
+        self.dialogs.append(dialog)
         dialog.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
+        dialog.destroyed.connect(lambda *_: self._forget(dialog))
         dialog.show()
+
+    def _forget(self, dialog):
+        self.dialogs = [d for d in self.dialogs if d is not dialog]
 
     # --- models ------------------------------------------------------------------------------------
 
     def update_model_state(self):
+        self.banner.hide()  # what it said was about the model chosen before
         source, bits = self.form.source(), self.form.quantize()
         problem = models.availability(source)
         mem = models.memory_problem(source, bits)
@@ -629,7 +641,7 @@ class MainWindow(QMainWindow):
             except (RuntimeError, TypeError):
                 pass
         self._connections = []
-        for d in self.dialogs:
+        for d in list(self.dialogs):
             d.close()
         self.history.close()
         super().closeEvent(event)

@@ -185,7 +185,9 @@ def _read_recipe(path):
     except RecipeError as e:
         raise UsageError(f"{path}: {e}") from e
     index = d.get("index")
-    return recipe, index if isinstance(index, int) and not isinstance(index, bool) else None
+    if index is not None and (isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < recipe.n):
+        raise UsageError(f"{path}: its recipe's index {index!r} is not an image of its batch of {recipe.n}")
+    return recipe, index
 
 
 def _batches(n, batch_size, repelling):
