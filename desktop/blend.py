@@ -7,10 +7,12 @@ in A's layout, not B itself (B's own row of the blend batch is B)."""
 
 from PySide6.QtCore import QSize, Qt
 from PySide6.QtGui import QIcon, QImage, QPixmap
-from PySide6.QtWidgets import (QComboBox, QDialog, QDialogButtonBox, QFormLayout, QHBoxLayout, QLabel,
+from PySide6.QtWidgets import (QCheckBox, QComboBox, QDialog, QDialogButtonBox, QFormLayout, QHBoxLayout, QLabel,
                                QSlider, QVBoxLayout)
 
 from .refine import ALPHA_RANGE
+
+ROW = (-0.25, 0.0, 0.25, 0.5, 0.75, 1.0, 1.25)  # a blend row: from beyond A, through A, to past B's context
 from .viewer import ImageView
 
 
@@ -76,6 +78,12 @@ class BlendDialog(QDialog):
         form.addRow("Alpha", self.slider)
         form.addRow("", scale)
         form.addRow("", self.alpha_label)
+        self.row = QCheckBox(f"a row of {len(ROW)} instead: " + ", ".join(f"{a:g}" for a in ROW))
+        self.row.setToolTip("One batch that walks from A toward B's context and past it, rather than one guess")
+        self.row.setChecked(True)
+        self.row.toggled.connect(self.slider.setDisabled)
+        self.slider.setDisabled(True)
+        form.addRow("", self.row)
         buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Cancel)
         self.ok = buttons.addButton("Blend", QDialogButtonBox.ButtonRole.AcceptRole)
         buttons.accepted.connect(self.accept)
@@ -92,6 +100,11 @@ class BlendDialog(QDialog):
     @property
     def alpha(self) -> float:
         return self.slider.value() / 100
+
+    @property
+    def alphas(self) -> list:
+        """The blend weights of the batch: the row, or the slider's one."""
+        return list(ROW) if self.row.isChecked() else [self.alpha]
 
     @property
     def b(self):

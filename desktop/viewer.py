@@ -15,7 +15,8 @@ from .grid import draw_image
 from .models import label
 
 KINDS = {"generate": "new batch", "vary-subtle": "varied subtly", "vary-strong": "varied strongly",
-         "explore": "new directions", "blend": "blend", "upscale": "upscaled", "rerun": "run again"}
+         "explore": "new directions", "blend": "blend", "upscale": "upscaled", "rerun": "run again",
+         "twin": "same seeds, diversity off"}
 
 
 def recipe_fields(recipe: dict, image=None) -> list:

@@ -226,25 +226,49 @@ class MainWindow(QMainWindow):
     # --- actions and shortcuts ---------------------------------------------------------------------
 
     def _make_actions(self):
-        tb = QToolBar("Selected image")  # beside the Batch / History tabs: it acts on the selected image
+        """Every action once: in the menu bar (with its shortcut) and, for the selected image, in a toolbar
+        above the tabs (in the tab bar's corner it squeezed the tabs away at narrow widths)."""
+        tb = QToolBar("Selected image")
+        tb.setObjectName("imageActions")
+        tb.setMovable(False)
         tb.setToolButtonStyle(Qt.ToolButtonStyle.ToolButtonTextOnly)
         tb.setStyleSheet("QToolBar { border: none; spacing: 2px; } QToolButton { padding: 3px 7px; }")
-        self.tabs.setCornerWidget(tb, Qt.Corner.TopRightCorner)
+        self.addToolBar(Qt.ToolBarArea.TopToolBarArea, tb)
         self.toolbar = tb
         self.actions_ = {}
+        menus = {name: self.menuBar().addMenu(name) for name in ("&File", "&Image", "&View", "&Help")}
 
-        def act(name, text, tip, shortcut, fn):
+        def act(name, text, tip, shortcut, fn, menu="&Image", toolbar=True):
             a = QAction(text, self)
             a.setToolTip(f"{tip} ({QKeySequence(shortcut).toString(QKeySequence.SequenceFormat.NativeText)})"
                          if shortcut else tip)
+            a.setStatusTip(tip)
             if shortcut:
                 a.setShortcut(QKeySequence(shortcut))
             a.triggered.connect(fn)
-            tb.addAction(a)
-            tb.widgetForAction(a).setFocusPolicy(Qt.FocusPolicy.NoFocus)
+            menus[menu].addAction(a)
+            if toolbar:
+                tb.addAction(a)
+                tb.widgetForAction(a).setFocusPolicy(Qt.FocusPolicy.NoFocus)
             self.actions_[name] = a
             return a
 
+        act("generate", "Generate", "Make a batch from the form", "Ctrl+Return", self.generate, "&File", False)
+        act("cancel", "Cancel", "Stop after the current step", "Escape", self.cancel, "&File", False)
+        menus["&File"].addSeparator()
+        quit_ = act("quit", "Quit", "Close the window", QKeySequence.StandardKey.Quit, self.close, "&File", False)
+        quit_.setMenuRole(QAction.MenuRole.QuitRole)
+        self._image_actions(act)
+        tb.addSeparator()
+        act("view", "View", "Show the selected image full size (Enter)", None, self.view_selected, "&View")
+        act("star", "Star", "Star or un-star the selected image (S)", None, self.toggle_star, "&View")
+        act("compare", "Compare", "Pin the selected image, then compare it with another (C)", "C", self.compare_step,
+            "&View")
+        about = act("about", "About mlx-crepulse", "What this is", None, self._about, "&Help", False)
+        about.setMenuRole(QAction.MenuRole.AboutRole)
+        QShortcut(QKeySequence("Ctrl+Enter"), self, self.generate, context=Qt.ShortcutContext.WindowShortcut)
+
+    def _image_actions(self, act):
         act("subtle", "Vary subtly", "New images close to the selected one", "Ctrl+1", lambda: self.vary(refine.SUBTLE))
         act("strong", "Vary strongly", "New images loosely based on the selected one", "Ctrl+2",
             lambda: self.vary(refine.STRONG))
@@ -254,13 +278,12 @@ class MainWindow(QMainWindow):
             lambda: self.blend_dialog())
         act("upscale", "Upscale \u00d72", "Regenerate the selected image at twice the size from itself", "Ctrl+U",
             lambda: self.upscale())
-        tb.addSeparator()
-        act("view", "View", "Show the selected image full size (Enter)", None, self.view_selected)
-        act("star", "Star", "Star or un-star the selected image (S)", None, self.toggle_star)
-        act("compare", "Compare", "Pin the selected image, then compare it with another (C)", "C", self.compare_step)
-        for seq in ("Ctrl+Return", "Ctrl+Enter"):
-            QShortcut(QKeySequence(seq), self, self.generate, context=Qt.ShortcutContext.WindowShortcut)
-        QShortcut(QKeySequence("Escape"), self, self.cancel, context=Qt.ShortcutContext.WindowShortcut)
+        act("twin", "Diversity off", "The batch again with the same seeds and no diversity: what it did",
+            "Ctrl+0", lambda: self.twin())
+
+    def _about(self):
+        QMessageBox.about(self, "mlx-crepulse", "Varied images from FLUX with contextual repulsion "
+                          f"(Dahary et al. 2026), offline. History: {self.history.folder}")
 
     def _tab_changed(self, index):
         if index == 1:
@@ -277,6 +300,7 @@ class MainWindow(QMainWindow):
         for name in ("subtle", "strong", "blend", "upscale", "view", "star", "compare"):
             self.actions_[name].setEnabled(im is not None and (name in ("view", "star", "compare") or not busy))
         self.actions_["explore"].setEnabled(self._context_batch() is not None and not busy)
+        self.actions_["twin"].setEnabled(self._context_batch() is not None and not busy)
         self.actions_["star"].setText("Unstar" if im is not None and im.starred else "Star")
         pinned = self.pinned is not None
         self.actions_["compare"].setText("Compare with pinned" if pinned else "Compare")
@@ -359,9 +383,9 @@ class MainWindow(QMainWindow):
         return self.start(refine.explore(self.history, b, self.form.n.value(), self.form.diversity_value(),
                                          low_memory=self.form.low_memory.isChecked()))
 
-    def blend(self, a, b, alpha: float) -> bool:
+    def blend(self, a, b, alphas) -> bool:
         try:
-            job = refine.blend(self.history, a, b, [alpha], low_memory=self.form.low_memory.isChecked())
+            job = refine.blend(self.history, a, b, alphas, low_memory=self.form.low_memory.isChecked())
         except ValueError as e:
             self.banner.show_message(str(e))
             return False
@@ -378,7 +402,7 @@ class MainWindow(QMainWindow):
             return
         dlg = BlendDialog(a, candidates, self)
         if dlg.exec() and dlg.b is not None:
-            self.blend(a, dlg.b, dlg.alpha)
+            self.blend(a, dlg.b, dlg.alphas)
 
     def upscale(self) -> bool:
         im = self.selected_image()
@@ -386,6 +410,17 @@ class MainWindow(QMainWindow):
             return False
         try:
             job = refine.upscale(self.history, im, low_memory=self.form.low_memory.isChecked())
+        except ValueError as e:
+            self.banner.show_message(str(e), "info")
+            return False
+        return self.start(job)
+
+    def twin(self) -> bool:
+        b = self._context_batch()
+        if b is None:
+            return False
+        try:
+            job = refine.twin(self.history, b, low_memory=self.form.low_memory.isChecked())
         except ValueError as e:
             self.banner.show_message(str(e), "info")
             return False
@@ -419,6 +454,7 @@ class MainWindow(QMainWindow):
             self.form.steps.setSpecialValueText(f"default ({defaults['steps']})")
             for s, key in ((self.form.width_, "width"), (self.form.height_, "height")):
                 s.setSpecialValueText(f"default ({defaults[key]})")
+            self.form.set_model_size(defaults["width"], defaults["height"])
 
     def _progress(self, step, steps, elapsed, eta):
         if not self._mine():

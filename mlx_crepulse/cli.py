@@ -101,6 +101,10 @@ def _generate(args, stdout) -> int:
     if recipe.negative_prompt and resolved.true_cfg <= 1:
         _say(args, "warning: --negative-prompt has no effect with true CFG off: pass --true-cfg above 1")
     _check_tokens(files, resolved, args.truncate, args.quiet)
+    unknown = files.unknown_words(resolved.prompt)
+    if unknown:
+        _say(args, f"warning: this model knows only {' '.join(files.vocabulary)}; new to it: {' '.join(unknown)}"
+                   + (f" (try \"{files.example_prompt}\")" if files.example_prompt else ""))
     wanted = None if (args.all or index is None) else index
     if wanted is not None and wanted >= resolved.n:
         raise UsageError(f"{args.from_file} is image {wanted} of its batch; -n {resolved.n} does not reach it")

@@ -6,6 +6,7 @@ scheduler and the model's defaults), so that a recipe can be resolved and checke
 from there; the CLI and the app use the same object, so they check exactly what the pipeline checks.
 """
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -32,6 +33,8 @@ class ModelFolder:
     tokenizer_2: Tokenizer  # T5's
     scheduler: dict
     defaults: Defaults
+    vocabulary: Optional[tuple] = None  # the only words a small model knows (crepulse.json), if it says
+    example_prompt: Optional[str] = None
     family = "flux1"  # the model family; klein.KleinFolder's is "flux2-klein"
 
     @classmethod
@@ -55,7 +58,10 @@ class ModelFolder:
             weights.weight_files(folder / name)
         tokenizer, tokenizer_2 = (_tokenizer(folder / name) for name in ("tokenizer", "tokenizer_2"))
         scheduler = weights.read_json(folder / "scheduler" / "scheduler_config.json")
-        return cls(str(source), folder, configs, tokenizer, tokenizer_2, scheduler, _defaults(folder, configs))
+        extra = weights.read_json(folder / "crepulse.json") if (folder / "crepulse.json").exists() else {}
+        vocabulary = extra.get("vocabulary")
+        return cls(str(source), folder, configs, tokenizer, tokenizer_2, scheduler, _defaults(folder, configs),
+                   tuple(vocabulary) if isinstance(vocabulary, list) else None, extra.get("example_prompt"))
 
     @property
     def saved_bits(self) -> Optional[int]:
@@ -96,6 +102,14 @@ class ModelFolder:
     @property
     def transformer_params(self):
         return FluxParams.from_config(self.configs["transformer"])
+
+    def unknown_words(self, prompt: str) -> list:
+        """The words of a prompt outside the model's vocabulary, for a model that names one (the demo:
+        the words of its captions); [] for the others."""
+        if not self.vocabulary:
+            return []
+        words = re.findall(r"[\w'-]+", prompt.lower())
+        return [w for w in dict.fromkeys(words) if w not in self.vocabulary]
 
     def token_overflow(self, recipe: Recipe) -> list:
         """(what, tokens, limit) for the prompt and negative prompt that are longer than the recipe's

@@ -255,11 +255,21 @@ def test_negative_prompt_warns_only_when_true_cfg_is_off(tmp_path, model_arg, hf
     and the recipe records it; with `--true-cfg 1` it has no effect, and says so."""
     base = [PROMPT, "--model", "demo", "-n", "2", "--steps", "1", "--no-sheet", "--negative-prompt", "blue"]
     used = run(base, tmp_path, hf_home)
-    assert used.returncode == 0 and "warning" not in used.stderr, used.stderr
+    assert used.returncode == 0 and "--negative-prompt has no effect" not in used.stderr, used.stderr
+    assert "warning: this model knows only" in used.stderr and "new to it: fox" in used.stderr
     r = metadata.read_png(tmp_path / used.stdout.splitlines()[0])
     assert r["negative_prompt"] == "blue" and r["true_cfg"] == 4.0
     off = run(base + ["--true-cfg", "1", "-o", "off"], tmp_path, hf_home)
     assert off.returncode == 0 and "warning: --negative-prompt has no effect" in off.stderr
+
+
+def test_demo_says_which_words_it_knows(tmp_path, hf_home):
+    """The demo knows only its captions' words: a prompt inside them runs quietly, one outside gets a
+    warning listing what is new to it and an example it understands (the newcomer's first prompt)."""
+    known = run(["a small red circle on black", "-n", "2", "--steps", "1", "--no-sheet"], tmp_path, hf_home)
+    assert known.returncode == 0 and "warning" not in known.stderr, known.stderr
+    new = run(["a fox in the snow", "-n", "2", "--steps", "1", "--no-sheet", "-o", "fox"], tmp_path, hf_home)
+    assert new.returncode == 0 and "new to it: fox in the snow (try \"a small red circle" in new.stderr
 
 
 def test_from_reproduces_the_image_bit_for_bit(batch, second_wave):

@@ -236,7 +236,7 @@ def test_refine_explore_blend_upscale_and_rerun(qtbot, make_window, tmp_path):
     assert e.kind == "explore" and e.recipe["method"]["reference_size"] == seen
     assert h.inputs(explore)["reference"].shape[0] == seen
 
-    blend = run(qtbot, w, lambda: w.blend(a, b, 1.3))  # extrapolation beyond B
+    blend = run(qtbot, w, lambda: w.blend(a, b, [1.3]))  # extrapolation beyond B
     bl = h.batch(blend)
     assert bl.recipe["blend"]["alphas"] == [1.3] and len(bl.images) == 3
     assert [im.label for im in bl.images][:2] == ["A", "B"]
@@ -264,10 +264,12 @@ def test_refine_explore_blend_upscale_and_rerun(qtbot, make_window, tmp_path):
         again = run(qtbot, w, lambda: (hv.rerun_btn.click(), w.job is not None)[1])
         for old, new in zip(h.batch(batch_id).images, h.batch(again).images):
             assert np.abs(pixels(old.path) - pixels(new.path)).max() <= 1
-    # "use settings" fills the form; generating from it reproduces the plain batch
+    # "use settings" fills the form with a new seed (Run again is the exact batch); with the old seed typed
+    # back in, generating from it reproduces the plain batch
     hv.refresh(select_batch=first)
     hv.use_btn.click()
-    assert w.form.prompt.toPlainText() == "a red fox" and w.form.seed.value() == 1234
+    assert w.form.prompt.toPlainText() == "a red fox" and w.form.seed.value() == -1
+    w.form.seed.setValue(1234)
     same = generate(qtbot, w)
     for old, new in zip(h.batch(first).images, h.batch(same).images):
         assert np.abs(pixels(old.path) - pixels(new.path)).max() <= 1
@@ -421,7 +423,7 @@ LEAK = textwrap.dedent("""
         painter.setRenderHint(QPainter.RenderHint.Antialiasing)
     after = sys.getrefcount(None)
     painter.end()
-    print(after - before if sys.version_info < (3, 12) else 0)
+    print(after - before if sys.version_info < (3, 12) else 0)  # the bad combination: -20000
 """)
 
 
@@ -431,7 +433,7 @@ def test_qt_calls_keep_none_alive():
     batches; pyproject.toml excludes it there). Runs in a child process, as the bad combination aborts."""
     proc = subprocess.run([sys.executable, "-c", LEAK], capture_output=True, text=True, timeout=120,
                           env=dict(os.environ, QT_QPA_PLATFORM="offscreen"))
-    assert proc.returncode == 0 and proc.stdout.strip() == "0", (proc.returncode, proc.stdout, proc.stderr[-300:])
+    assert proc.returncode == 0 and abs(int(proc.stdout)) < 100, (proc.returncode, proc.stdout, proc.stderr[-300:])
 
 
 # --- a long session (issue 20) --------------------------------------------------------------------------------
@@ -493,3 +495,44 @@ def test_use_settings_leaves_the_seed_random(qtbot, make_window):
     w.use_settings(w.batch)
     assert w.form.prompt_text() == "a blue square" and w.form.n.value() == 2
     assert w.form.seed.value() == -1 and w.form.width_.value() == 0 and w.form.height_.value() == 0
+
+
+def test_form_has_what_a_flux_user_expects(qtbot, make_window):
+    """Negative prompt, guidance and true CFG go into the Recipe (0: the model's default); a shape
+    preset keeps the model's area in multiples of 16, and "model default" clears the size."""
+    w = make_window(n=2)
+    w.form.prompt.setPlainText("a red circle")
+    w.form.negative.setText("blue")
+    w.form.true_cfg.setValue(3.0)
+    r = w.form.recipe()
+    assert (r.negative_prompt, r.true_cfg, r.guidance) == ("blue", 3.0, None)
+    w.form.set_model_size(1024, 1024)
+    w.form._aspect_chosen(w.form.aspect.findText("wide 16:9"))
+    width, height = w.form.width_.value(), w.form.height_.value()
+    assert width % 16 == 0 and height % 16 == 0 and width > height
+    assert abs(width * height - 1024 * 1024) / (1024 * 1024) < 0.05 and abs(width / height - 16 / 9) < 0.05
+    w.form._aspect_chosen(0)
+    assert w.form.width_.value() == 0 and w.form.recipe().width is None
+
+
+def test_menus_toolbar_twin_and_blend_row(qtbot, make_window):
+    """Every action is in the menu bar with its shortcut; the image toolbar is no longer in the tab bar's
+    corner, so at 1000 px both tabs keep their names; "Diversity off" remakes a batch with the same seeds
+    and no method; the blend dialog offers a row of seven alphas by default."""
+    from desktop.blend import ROW, BlendDialog
+
+    w = make_window(n=2, steps=2)
+    w.resize(1000, 700)
+    assert w.tabs.cornerWidget(Qt.Corner.TopRightCorner) is None
+    assert [w.tabs.tabText(i) for i in range(w.tabs.count())] == ["Batch", "History"]
+    menu_actions = {a.text() for m in w.menuBar().actions() for a in m.menu().actions()}
+    assert {"Generate", "Vary subtly", "Blend\u2026", "Diversity off", "Compare", "Quit"} <= menu_actions
+    first = generate(qtbot, w, seed=4)
+    twin = run(qtbot, w, w.twin)
+    t, f = w.history.batch(twin), w.history.batch(first)
+    assert t.kind == "twin" and t.recipe["method"] is None and f.recipe["method"] is not None
+    assert [im.seed for im in t.images] == [im.seed for im in f.images]
+    dlg = BlendDialog(f.images[0], [f.images[1]], w)
+    assert dlg.alphas == list(ROW) and len(ROW) == 7
+    dlg.row.setChecked(False)
+    assert dlg.alphas == [dlg.alpha]
