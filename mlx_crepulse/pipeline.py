@@ -16,7 +16,7 @@ from typing import Callable, Optional
 import mlx.core as mx
 import numpy as np
 
-from . import cpu, sampling, weights
+from . import cpu, memory, sampling, weights
 from .models import autoencoder, clip, t5
 from .models.flux import FluxTransformer
 from .model_folder import ModelFolder
@@ -105,13 +105,16 @@ class Pipeline:
 
     @classmethod
     def from_pretrained(cls, source: str = "demo", quantize: Optional[int] = None, low_memory: bool = False,
-                        progress: bool = False) -> "Pipeline":
+                        progress: bool = False, force: bool = False) -> "Pipeline":
         """Load "demo", "schnell", "dev", a Hub repo id or a diffusers-layout folder; quantize the
         transformer and T5 to 4 or 8 bits while loading. With `low_memory`, T5 and CLIP are freed once
-        a prompt is encoded and read again for the next new prompt."""
+        a prompt is encoded and read again for the next new prompt. Refuses (memory.NotEnoughMemory) when
+        the machine's memory cannot hold it, before reading the weights, unless `force`."""
         if quantize not in (None, 4, 8):
             raise ValueError(f"quantize must be None, 4 or 8 (bits), not {quantize!r}")
-        return cls.load(ModelFolder.open(source, progress=progress), quantize, low_memory)
+        files = ModelFolder.open(source, progress=progress)
+        memory.check_files(files, quantize, low_memory, force)
+        return cls.load(files, quantize, low_memory)
 
     @classmethod
     def load(cls, files: ModelFolder, quantize: Optional[int] = None, low_memory: bool = False) -> "Pipeline":
