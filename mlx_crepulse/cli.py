@@ -32,7 +32,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from . import metadata, weights
+from . import memory, metadata, weights
 from .cli_args import DEFAULT_OUTPUT, UsageError, generation_parser, recipe_from_args
 from .cli_output import _Bar, _Interrupt, _Paths, err
 from .model_folder import ModelFolder
@@ -97,6 +97,7 @@ def _generate(args, stdout) -> int:
     output = Path(args.output or DEFAULT_OUTPUT)
     check_writable(output)
     files = ModelFolder.open(recipe.model, progress=not args.quiet)
+    memory.check_files(files, recipe.quantize, args.low_memory, args.force)  # the weights, before reading them
     resolved = files.resolve(recipe, recipe.quantize, force=args.force)
     if recipe.negative_prompt and resolved.true_cfg <= 1:
         _say(args, "warning: --negative-prompt has no effect with true CFG off: pass --true-cfg above 1")

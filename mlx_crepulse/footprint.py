@@ -8,7 +8,6 @@ a time; its peak is a few full-resolution feature maps and, where the VAE's midd
 scores over the latent pixels. docs/performance.md compares the estimate with measured peaks.
 """
 
-import math
 import os
 import subprocess
 import sys
@@ -89,14 +88,3 @@ def _largest_fitting(configs, recipe, room, scores_materialised):
         if peak_bytes(configs, fewer, scores_materialised) <= room:
             return fewer
     return None
-
-
-def weights_on_disk(folder, quantize) -> int:
-    """Bytes the weights take once loaded, from the files' sizes (bf16/float files; the transformer and
-    T5 shrink to about bits/16 of theirs when quantized while loading)."""
-    total = 0
-    for f in folder.rglob("*.safetensors"):
-        size = f.stat().st_size
-        big = f.parent.name in ("transformer", "text_encoder_2")
-        total += math.ceil(size * (quantize + 1) / 16) if (quantize and big) else size
-    return total

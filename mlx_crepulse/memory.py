@@ -130,6 +130,12 @@ def check(folder: Path, quantize=None, low_memory: bool = False, force: bool = F
         "(CLI: --force) to try anyway.")
 
 
+def weights_bytes(files, quantize=None) -> int:
+    """Bytes of an opened ModelFolder's weights once loaded with `quantize`, exactly."""
+    layout = Layout.of(files)
+    return sum(component_bytes(Path(files.folder) / c, quantize, layout) for c in layout.components)
+
+
 def check_files(files, quantize=None, low_memory: bool = False, force: bool = False):
     """`check` for an opened ModelFolder (what Pipeline.from_pretrained calls before Pipeline.load)."""
     check(files.folder, quantize, low_memory, force, Layout.of(files))

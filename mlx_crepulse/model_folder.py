@@ -13,7 +13,7 @@ from typing import Optional
 
 import mlx.core as mx
 
-from . import footprint, weights
+from . import footprint, memory, weights
 from .defaults import Defaults
 from .models.autoencoder import VAEParams
 from .models.config import ConfigError
@@ -96,7 +96,7 @@ class ModelFolder:
         except ValueError as e:
             raise RecipeError(str(e)) from None
         if not force:
-            footprint.check(self.configs, recipe, footprint.weights_on_disk(self.folder, recipe.quantize),
+            footprint.check(self.configs, recipe, memory.weights_bytes(self, recipe.quantize),
                             scores_materialised=mx.default_device() == mx.cpu)
 
     @property
