@@ -230,3 +230,18 @@ def test_history_of_version_0_1_opens_and_migrates(tmp_path):
     finally:
         h.close()
     History(folder).close()  # opening a migrated database again changes nothing
+
+
+def test_non_finite_steps_stop_the_batch(demo):
+    """A repulsion scale far above the model's range makes the step non-finite: NotFinite names that
+    cause before anything is decoded or returned (it used to save black PNGs); NaN latents are refused
+    up front; the Vendi score of nothing says so."""
+    from mlx_crepulse import NotFinite, vendi_score
+
+    with pytest.raises(NotFinite, match="repulsion scale 1e\\+30 is far above this model's range"):
+        demo.generate("a red circle", n=2, seed=1, steps=2, method=Repulsion(scale=1e30))
+    bad = np.full((2, 64, 16), np.nan, np.float32)
+    with pytest.raises(RecipeError, match="latents hold NaN"):
+        demo.generate("a red circle", n=2, seed=1, steps=1, latents=bad)
+    with pytest.raises(ValueError, match="one or more finite feature vectors"):
+        vendi_score(np.zeros((0, 4)))
