@@ -66,6 +66,22 @@ class BlendDialog(QDialog):
             col.addWidget(lab)
             col.addWidget(v, 1)
             views.addLayout(col)
+        form = self._form()
+        buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Cancel)
+        self.ok = buttons.addButton("Blend", QDialogButtonBox.ButtonRole.AcceptRole)
+        buttons.accepted.connect(self.accept)
+        buttons.rejected.connect(self.reject)
+        lay = QVBoxLayout(self)
+        lay.addLayout(views, 1)
+        lay.addLayout(form)
+        lay.addWidget(QLabel("<span style='color:gray'>The blend keeps A's noise and moves its enriched text "
+                             "tokens toward B's in the first steps: content changes, not a cross-fade.</span>"))
+        lay.addWidget(buttons)
+        self._b_changed(0)
+        self._alpha_changed(self.slider.value())
+
+    def _form(self) -> QFormLayout:
+        """B's choice, the alpha slider with its scale and words, and the row option."""
         form = QFormLayout()
         form.addRow("B", self.b_choice)
         scale = QHBoxLayout()
@@ -84,18 +100,7 @@ class BlendDialog(QDialog):
         self.row.toggled.connect(self.slider.setDisabled)
         self.slider.setDisabled(True)
         form.addRow("", self.row)
-        buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Cancel)
-        self.ok = buttons.addButton("Blend", QDialogButtonBox.ButtonRole.AcceptRole)
-        buttons.accepted.connect(self.accept)
-        buttons.rejected.connect(self.reject)
-        lay = QVBoxLayout(self)
-        lay.addLayout(views, 1)
-        lay.addLayout(form)
-        lay.addWidget(QLabel("<span style='color:gray'>The blend keeps A's noise and moves its enriched text "
-                             "tokens toward B's in the first steps: content changes, not a cross-fade.</span>"))
-        lay.addWidget(buttons)
-        self._b_changed(0)
-        self._alpha_changed(self.slider.value())
+        return form
 
     @property
     def alpha(self) -> float:

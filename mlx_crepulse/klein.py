@@ -174,21 +174,10 @@ class KleinPipeline(Pipeline):
         """Qwen3 tokens of the prompt in its chat template, to warn when it exceeds max_sequence_length."""
         return self.tokenizer.count(prompt)
 
-    def encode(self, prompt: str, max_sequence_length: int):
-        """(stacked Qwen3 states (1, L, 3 x hidden), None: FLUX.2 has no pooled vector), cached per prompt."""
-        key = (prompt, max_sequence_length)
-        if key not in self._prompt_cache:
-            if self.text_encoder is None:
-                self.text_encoder, _ = self._reload_encoders()
-            ids, mask = self.tokenizer.ids(prompt, max_sequence_length)
-            txt = self.text_encoder(mx.array(ids), mx.array(mask)).astype(self.dtype)
-            mx.eval(txt)
-            if len(self._prompt_cache) > 8:
-                self._prompt_cache.pop(next(iter(self._prompt_cache)))
-            self._prompt_cache[key] = (txt, None)
-            if self._reload_encoders is not None:  # low-memory mode: free the encoder at once
-                self.text_encoder = None
-        return self._prompt_cache[key]
+    def _encode(self, prompt: str, max_sequence_length: int):
+        """(stacked Qwen3 states (1, L, 3 x hidden), None: FLUX.2 has no pooled vector)."""
+        ids, mask = self.tokenizer.ids(prompt, max_sequence_length)
+        return self.text_encoder(mx.array(ids), mx.array(mask)).astype(self.dtype), None
 
     def schedule(self, steps: int, image_tokens: int) -> list:
         return schedule(steps, image_tokens, self.scheduler_config)

@@ -11,7 +11,6 @@ once); a batch of 4 at 1024 px needs about 3 GiB more, which loading cannot know
 `reserve`.
 """
 
-import json
 from pathlib import Path
 
 from . import footprint, weights
@@ -36,18 +35,7 @@ def reserve(total: int) -> int:
     return max(2 * GiB, total // 8)
 
 
-def header(path: Path) -> dict:
-    """A safetensors file's tensor table (name -> dtype, shape), read from its header only."""
-    try:
-        with open(path, "rb") as f:
-            size = int.from_bytes(f.read(8), "little")
-            if not 0 < size < 1 << 30:
-                raise ValueError("bad header length")
-            table = json.loads(f.read(size))
-    except (OSError, ValueError) as e:
-        raise weights.WeightsError(f"{path} is not a readable .safetensors file ({e}); download it again") from e
-    table.pop("__metadata__", None)
-    return table
+header = weights.safetensors_header
 
 
 def tensor_bytes(name: str, dtype: str, shape: list, bits) -> int:

@@ -185,22 +185,27 @@ class Pipeline:
     # --- the work --------------------------------------------------------------------------------------
 
     def encode(self, prompt: str, max_sequence_length: int):
-        """(T5 states (1, L, D), CLIP pooled (1, P)) for a prompt, cached per prompt."""
+        """The text condition of a prompt (`_encode`), cached per prompt; in low-memory mode the text
+        encoders are freed once it is computed and read again for the next new prompt."""
         key = (prompt, max_sequence_length)
         if key not in self._prompt_cache:
             if self.text_encoder is None:
                 self.text_encoder, self.text_encoder_2 = self._reload_encoders()
-            clip_ids = self.tokenizer.ids(prompt, self.tokenizer.model_max_length)
-            t5_ids = self.tokenizer_2.ids(prompt, max_sequence_length)
-            txt = self.text_encoder_2(mx.array(t5_ids)).astype(self.dtype)
-            pooled = self.text_encoder(mx.array(clip_ids))[1].astype(self.dtype)
-            mx.eval(txt, pooled)
+            condition = self._encode(prompt, max_sequence_length)
+            mx.eval([c for c in condition if c is not None])
             if len(self._prompt_cache) > 8:
                 self._prompt_cache.pop(next(iter(self._prompt_cache)))
-            self._prompt_cache[key] = (txt, pooled)
+            self._prompt_cache[key] = condition
             if self._reload_encoders is not None:  # low-memory mode: free the encoders at once
                 self.text_encoder = self.text_encoder_2 = None
         return self._prompt_cache[key]
+
+    def _encode(self, prompt: str, max_sequence_length: int):
+        """(T5 states (1, L, D), CLIP pooled (1, P))."""
+        clip_ids = self.tokenizer.ids(prompt, self.tokenizer.model_max_length)
+        t5_ids = self.tokenizer_2.ids(prompt, max_sequence_length)
+        txt = self.text_encoder_2(mx.array(t5_ids)).astype(self.dtype)
+        return txt, self.text_encoder(mx.array(clip_ids))[1].astype(self.dtype)
 
     def decode(self, tokens: mx.array, rows: int, cols: int) -> np.ndarray:
         """Packed latents -> float32 images (n, H, W, 3) in [0, 1], one image at a time to cap memory."""

@@ -189,17 +189,23 @@ def has_guidance_embedding(keys) -> bool:
                for k in keys)
 
 
-def safetensors_keys(path: Path) -> list:
-    """Tensor names from a safetensors header (8-byte length, then JSON), without reading the tensors."""
+def safetensors_header(path: Path) -> dict:
+    """A safetensors file's tensor table (name -> dtype, shape, offsets), from its header only (8 bytes of
+    length, then JSON), without reading the tensors."""
     try:
         with open(path, "rb") as f:
             size = int.from_bytes(f.read(8), "little")
             if not 0 < size < 1 << 30:
                 raise ValueError("bad header length")
-            header = json.loads(f.read(size))
+            table = json.loads(f.read(size))
     except (OSError, ValueError) as e:
-        raise WeightsError(f"{path} is not a readable .safetensors file ({e})") from None
-    return [k for k in header if k != "__metadata__"]
+        raise WeightsError(f"{path} is not a readable .safetensors file ({e}); download it again") from None
+    table.pop("__metadata__", None)
+    return table
+
+
+def safetensors_keys(path: Path) -> list:
+    return list(safetensors_header(path))
 
 
 def bfl_to_diffusers(weights: dict) -> dict:
