@@ -1,29 +1,35 @@
 """The blend dialog: favourite A, another favourite B of the same prompt, and a slider for alpha from
--0.5 (beyond A, away from B) through 0 (A) and 1 (B) to 1.5 (beyond B)."""
+-0.5 (away from B) through 0 (A) and 1 (B's context) to 1.5 (beyond it).
+
+A blend keeps A's noise, as the paper's contextual blending does, and moves A's enriched text tokens
+toward B's during the first steps: at alpha 1 the image has B's context on A's noise, which is B's look
+in A's layout, not B itself (B's own row of the blend batch is B)."""
 
 from PySide6.QtCore import QSize, Qt
 from PySide6.QtGui import QIcon, QImage, QPixmap
-from PySide6.QtWidgets import (QComboBox, QDialog, QDialogButtonBox, QFormLayout, QHBoxLayout, QLabel,
+from PySide6.QtWidgets import (QCheckBox, QComboBox, QDialog, QDialogButtonBox, QFormLayout, QHBoxLayout, QLabel,
                                QSlider, QVBoxLayout)
 
 from .refine import ALPHA_RANGE
+
+ROW = (-0.25, 0.0, 0.25, 0.5, 0.75, 1.0, 1.25)  # a blend row: from beyond A, through A, to past B's context
 from .viewer import ImageView
 
 
 def alpha_words(a: float) -> str:
     if a < 0:
-        return "beyond A, away from B"
+        return "A, pushed away from B's context"
     if a == 0:
         return "A"
     if a < 0.5:
-        return "mostly A"
+        return "A, a little of B's context"
     if a == 0.5:
-        return "halfway"
+        return "halfway to B's context"
     if a < 1:
-        return "mostly B"
+        return "mostly B's context, A's layout"
     if a == 1:
-        return "B"
-    return "beyond B"
+        return "B's context on A's noise"
+    return "beyond B's context"
 
 
 class BlendDialog(QDialog):
@@ -60,18 +66,7 @@ class BlendDialog(QDialog):
             col.addWidget(lab)
             col.addWidget(v, 1)
             views.addLayout(col)
-        form = QFormLayout()
-        form.addRow("B", self.b_choice)
-        scale = QHBoxLayout()
-        for text, stretch in (("-0.5", 1), ("0 = A", 2), ("0.5", 2), ("1 = B", 2), ("1.5", 1)):
-            lab = QLabel(text)
-            lab.setObjectName("hint")
-            lab.setAlignment(Qt.AlignmentFlag.AlignCenter if stretch == 2 else
-                             (Qt.AlignmentFlag.AlignLeft if text == "-0.5" else Qt.AlignmentFlag.AlignRight))
-            scale.addWidget(lab, stretch)
-        form.addRow("Alpha", self.slider)
-        form.addRow("", scale)
-        form.addRow("", self.alpha_label)
+        form = self._form()
         buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Cancel)
         self.ok = buttons.addButton("Blend", QDialogButtonBox.ButtonRole.AcceptRole)
         buttons.accepted.connect(self.accept)
@@ -85,9 +80,36 @@ class BlendDialog(QDialog):
         self._b_changed(0)
         self._alpha_changed(self.slider.value())
 
+    def _form(self) -> QFormLayout:
+        """B's choice, the alpha slider with its scale and words, and the row option."""
+        form = QFormLayout()
+        form.addRow("B", self.b_choice)
+        scale = QHBoxLayout()
+        for text, stretch in (("-0.5", 1), ("0 = A", 2), ("0.5", 2), ("1 = B's context", 2), ("1.5", 1)):
+            lab = QLabel(text)
+            lab.setObjectName("hint")
+            lab.setAlignment(Qt.AlignmentFlag.AlignCenter if stretch == 2 else
+                             (Qt.AlignmentFlag.AlignLeft if text == "-0.5" else Qt.AlignmentFlag.AlignRight))
+            scale.addWidget(lab, stretch)
+        form.addRow("Alpha", self.slider)
+        form.addRow("", scale)
+        form.addRow("", self.alpha_label)
+        self.row = QCheckBox(f"a row of {len(ROW)} instead: " + ", ".join(f"{a:g}" for a in ROW))
+        self.row.setToolTip("One batch that walks from A toward B's context and past it, rather than one guess")
+        self.row.setChecked(True)
+        self.row.toggled.connect(self.slider.setDisabled)
+        self.slider.setDisabled(True)
+        form.addRow("", self.row)
+        return form
+
     @property
     def alpha(self) -> float:
         return self.slider.value() / 100
+
+    @property
+    def alphas(self) -> list:
+        """The blend weights of the batch: the row, or the slider's one."""
+        return list(ROW) if self.row.isChecked() else [self.alpha]
 
     @property
     def b(self):

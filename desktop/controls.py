@@ -6,7 +6,8 @@ from typing import Optional
 
 from PySide6.QtCore import QEvent, Qt, Signal
 from PySide6.QtGui import QKeySequence
-from PySide6.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel,
+from PySide6.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout, QHBoxLayout,
+                               QLabel, QLineEdit,
                                QPlainTextEdit, QPushButton, QSizePolicy, QSlider, QSpinBox, QToolButton,
                                QVBoxLayout, QWidget)
 
@@ -14,6 +15,8 @@ from mlx_crepulse import DEFAULT_DIVERSITY, Recipe, Repulsion, random_seed
 
 from . import models
 
+ASPECTS = [("model default", None), ("square 1:1", 1.0), ("landscape 4:3", 4 / 3), ("portrait 3:4", 3 / 4),
+           ("wide 16:9", 16 / 9), ("tall 9:16", 9 / 16)]
 DIVERSITY_TICKS = 9  # slider 0 = off, 1..9 = diversity 0, 1/8, .. 1, so that the default 0.5 is a tick (the middle)
 
 
@@ -29,10 +32,13 @@ def tick_of(diversity: Optional[float]) -> int:
 DEFAULT_TICK = tick_of(DEFAULT_DIVERSITY)  # the CLI's default, so one seed makes the same batch in both
 
 
+WORDS = ["faint", "subtle", "gentle", "mild", "moderate", "lively", "strong", "bold", "wild"]  # one a tick
+
+
 def diversity_words(tick: int) -> str:
     if tick <= 0:
         return "off \u2014 plain seeds"
-    return ["subtle", "subtle", "gentle", "gentle", "moderate", "strong", "strong", "bold", "wild"][tick - 1]
+    return WORDS[tick - 1]
 
 
 class Form(QWidget):
@@ -93,8 +99,8 @@ class Form(QWidget):
         self.diversity_label = QLabel()
         self.diversity.valueChanged.connect(self._diversity_changed)
         ends = QHBoxLayout()
-        for text, align in (("off", Qt.AlignmentFlag.AlignLeft), ("subtle", Qt.AlignmentFlag.AlignCenter),
-                            ("wild", Qt.AlignmentFlag.AlignRight)):
+        for text, align in (("off", Qt.AlignmentFlag.AlignLeft), (diversity_words(DEFAULT_TICK), Qt.AlignmentFlag.AlignCenter),
+                            (diversity_words(DIVERSITY_TICKS), Qt.AlignmentFlag.AlignRight)):
             lab = QLabel(text)
             lab.setObjectName("hint")
             lab.setAlignment(align)
@@ -125,9 +131,36 @@ class Form(QWidget):
         self.seed.setValue(-1)
         self.low_memory = QCheckBox("Low memory mode")
         self.low_memory.setToolTip("Free the text encoders after each new prompt (slower, needs less memory)")
+        self.negative = QLineEdit()
+        self.negative.setPlaceholderText("what to avoid (with true CFG above 1)")
+        self.guidance = QDoubleSpinBox()
+        self.true_cfg = QDoubleSpinBox()
+        for spin, tip in ((self.guidance, "FLUX.1-dev's embedded guidance (3.5)"),
+                          (self.true_cfg, "true classifier-free guidance: 1 is off, above 1 uses the negative "
+                                          "prompt and takes two passes a step")):
+            spin.setRange(0, 30)
+            spin.setSingleStep(0.5)
+            spin.setSpecialValueText("model default")
+            spin.setToolTip(tip)
+        self.aspect = QComboBox()
+        for text, ratio in ASPECTS:
+            self.aspect.addItem(text, ratio)
+        self.aspect.setToolTip("Set the size to this shape at the model's own size")
+        self.aspect.activated.connect(self._aspect_chosen)
         adv = QFormLayout(self.advanced)
         adv.setContentsMargins(12, 0, 0, 0)
+        adv.addRow("Negative", self.negative)
+        adv.addRow("Guidance", self.guidance)
+        adv.addRow("True CFG", self.true_cfg)
         adv.addRow("Steps", self.steps)
+        adv.addRow("Shape", self.aspect)
+        adv.addRow("Size", self._size_row())
+        adv.addRow("Seed", self._seed_row())
+        adv.addRow(self.low_memory)
+        self.advanced.setVisible(False)
+        self.advanced_button.toggled.connect(self._fold)
+
+    def _size_row(self):
         size = QHBoxLayout()
         times = QLabel("\u00d7")
         times.setSizePolicy(QSizePolicy.Policy.Fixed, QSizePolicy.Policy.Fixed)
@@ -136,18 +169,33 @@ class Form(QWidget):
         size.addWidget(self.width_, 1)
         size.addWidget(times)
         size.addWidget(self.height_, 1)
-        adv.addRow("Size", size)
-        seed_row = QHBoxLayout()
-        seed_row.addWidget(self.seed, 1)
+        return size
+
+    def _seed_row(self):
+        row = QHBoxLayout()
+        row.addWidget(self.seed, 1)
         dice = QToolButton()
         dice.setText("Random")
         dice.setToolTip("A new random seed for every batch")
         dice.clicked.connect(lambda: self.seed.setValue(-1))
-        seed_row.addWidget(dice)
-        adv.addRow("Seed", seed_row)
-        adv.addRow(self.low_memory)
-        self.advanced.setVisible(False)
-        self.advanced_button.toggled.connect(self._fold)
+        row.addWidget(dice)
+        return row
+
+    def set_model_size(self, width: int, height: int):
+        """The model's own size, which the shape presets keep the area of."""
+        self._model_size = (width, height)
+
+    def _aspect_chosen(self, index):
+        ratio = self.aspect.itemData(index)
+        if ratio is None:  # the model's default
+            self.width_.setValue(0)
+            self.height_.setValue(0)
+            return
+        w0, h0 = getattr(self, "_model_size", (1024, 1024))
+        area = w0 * h0
+        width = max(16, round((area * ratio) ** 0.5 / 16) * 16)
+        self.width_.setValue(width)
+        self.height_.setValue(max(16, round(area / width / 16) * 16))
 
     def _make_generate(self, keys):
         self.generate = QPushButton("Generate")
@@ -218,10 +266,12 @@ class Form(QWidget):
     def set_source(self, source: str):
         """Select a model; a folder not in the list yet is added to it."""
         i = self.model.findData(source)
-        if i < 0:
+        if i < 0:  # inserted with signals off: the shifted "Choose a folder" item must not fire again
             i = self.model.count() - 1
+            blocked = self.model.blockSignals(True)
             self.model.insertItem(i, models.label(source), source)
             self.model.setItemData(i, source, Qt.ItemDataRole.ToolTipRole)
+            self.model.blockSignals(blocked)
         self.model.setCurrentIndex(i)
 
     def prompt_text(self) -> str:
@@ -233,13 +283,17 @@ class Form(QWidget):
         nothing to push apart, so it is left plain."""
         diversity = self.diversity_value() if self.n.value() >= 2 else None
         return Recipe(self.prompt_text(), n=self.n.value(), model=self.source(), quantize=self.quantize(),
+                      negative_prompt=self.negative.text().strip() or None, guidance=self.guidance.value() or None,
+                      true_cfg=self.true_cfg.value() or None,
                       steps=self.steps.value() or None, width=self.width_.value() or None,
                       height=self.height_.value() or None, diversity=diversity,
                       method=Repulsion() if diversity is not None else None,
                       seed=self.seed.value() if self.seed.value() >= 0 else random_seed(self.n.value()))
 
-    def load_recipe(self, recipe: dict):
-        """Put a stored batch's settings into the form (prompt, model, size, steps, seed, diversity)."""
+    def load_recipe(self, recipe: dict, defaults: Optional[dict] = None):
+        """Put a stored batch's prompt, model, batch size and diversity into the form, and its steps and
+        size where they differ from the model's `defaults` (when known). The seed stays random: a fixed
+        seed left in the form made every later batch the same one (Run again makes that batch exactly)."""
         self.prompt.setPlainText(recipe.get("prompt", ""))
         if recipe.get("model"):
             self.set_source(recipe["model"])
@@ -247,10 +301,12 @@ class Form(QWidget):
         if i >= 0:
             self.precision.setCurrentIndex(i)
         self.n.setValue(int(recipe.get("n") or 4))
-        self.steps.setValue(int(recipe.get("steps") or 0))
-        self.width_.setValue(int(recipe.get("width") or 0))
-        self.height_.setValue(int(recipe.get("height") or 0))
-        self.seed.setValue(int(recipe.get("seed", -1)))
+        for spin, key in ((self.steps, "steps"), (self.width_, "width"), (self.height_, "height"),
+                          (self.guidance, "guidance"), (self.true_cfg, "true_cfg")):
+            value = recipe.get(key) or 0
+            spin.setValue(0 if defaults is None or value == defaults.get(key) else value)
+        self.negative.setText(recipe.get("negative_prompt") or "")
+        self.seed.setValue(-1)
         app = recipe.get("app", {})
         if "diversity" in app:
             self.diversity.setValue(tick_of(app["diversity"]))
@@ -303,6 +359,9 @@ class Form(QWidget):
         s.setValue("form/height", self.height_.value())
         s.setValue("form/advanced", self.advanced_button.isChecked())
         s.setValue("form/low_memory", self.low_memory.isChecked())
+        s.setValue("form/negative", self.negative.text())
+        s.setValue("form/guidance", self.guidance.value())
+        s.setValue("form/true_cfg", self.true_cfg.value())
         s.setValue("form/prompt", self.prompt.toPlainText())
         folders = [self.model.itemData(i) for i in range(self.model.count())
                    if self.model.itemData(i) not in dict(models.CHOICES) and self.model.itemData(i) != "__folder__"]
@@ -335,5 +394,8 @@ class Form(QWidget):
         self.height_.setValue(get("form/height", 0, int))
         self.advanced_button.setChecked(get("form/advanced", False, bool))
         self.low_memory.setChecked(get("form/low_memory", False, bool))
+        self.negative.setText(str(s.value("form/negative", "") or ""))
+        self.guidance.setValue(get("form/guidance", 0.0, float))
+        self.true_cfg.setValue(get("form/true_cfg", 0.0, float))
         self.prompt.setPlainText(str(s.value("form/prompt", "") or ""))
         self.precision.setEnabled(self.source() != models.DEMO)

@@ -75,7 +75,11 @@ def default_folder() -> Path:
     if env:
         return Path(env).expanduser()
     from PySide6.QtCore import QStandardPaths
-    return Path(QStandardPaths.writableLocation(QStandardPaths.StandardLocation.AppDataLocation))
+    data = Path(QStandardPaths.writableLocation(QStandardPaths.StandardLocation.GenericDataLocation))
+    old = Path(QStandardPaths.writableLocation(QStandardPaths.StandardLocation.AppDataLocation))
+    if (old / DB_NAME).exists() and not (data / "mlx-crepulse" / DB_NAME).exists():
+        return old  # the doubled .../mlx-crepulse/mlx-crepulse of 0.1: the user's history stays where it is
+    return data / "mlx-crepulse"
 
 
 @dataclass

@@ -18,10 +18,16 @@ from mlx_crepulse import hub
 
 DEMO = "demo"
 # (source, label); folders are added by the user
-CHOICES = [(DEMO, "Demo (tiny, bundled)"), ("schnell", "FLUX.1-schnell"), ("dev", "FLUX.1-dev")]
+CHOICES = [(DEMO, "Demo (tiny, bundled)"), ("klein", "FLUX.2 [klein] 4B"), ("klein-base", "FLUX.2 [klein] 4B base"),
+           ("klein-9b", "FLUX.2 [klein] 9B"), ("schnell", "FLUX.1-schnell"), ("dev", "FLUX.1-dev")]
 LABELS = dict(CHOICES)
-# Memory a FLUX.1 pipeline needs to run (transformer + T5 + CLIP + VAE + activations), in GB
+# Memory a pipeline needs to run (its weights, scripts/klein_memory.py for [klein], plus a batch's
+# activations), in GB, by precision
 FLUX_NEEDS_GB = {None: 33.0, 8: 18.0, 4: 10.0}
+KLEIN_4B_NEEDS_GB = {None: 16.5, 8: 10.0, 4: 6.5}
+KLEIN_9B_NEEDS_GB = {None: 32.5, 8: 19.0, 4: 12.0}
+NEEDS_GB = {"schnell": FLUX_NEEDS_GB, "dev": FLUX_NEEDS_GB, "klein": KLEIN_4B_NEEDS_GB,
+            "klein-base": KLEIN_4B_NEEDS_GB, "klein-9b": KLEIN_9B_NEEDS_GB, "klein-9b-base": KLEIN_9B_NEEDS_GB}
 DEMO_NEEDS_GB = 0.5
 PRECISIONS = [(None, "full (bf16)"), (8, "8-bit"), (4, "4-bit")]
 
@@ -57,7 +63,8 @@ def needs_gb(source: str, quantize: Optional[int]) -> float:
                 big += size
         bytes_ = total - big + big * ((quantize or 16) / 16)
         return round(bytes_ / 1e9 * 1.3 + (0.5 if bytes_ > 1e9 else 0.0), 2)
-    return FLUX_NEEDS_GB.get(quantize, FLUX_NEEDS_GB[None])
+    table = NEEDS_GB.get(source, FLUX_NEEDS_GB)
+    return table.get(quantize, table[None])
 
 
 def memory_problem(source: str, quantize: Optional[int], ram_gb: Optional[float] = None) -> Optional[str]:
@@ -70,8 +77,9 @@ def memory_problem(source: str, quantize: Optional[int], ram_gb: Optional[float]
         return None
     precision = dict(PRECISIONS)[quantize]
     advice = ""
-    if quantize != 4 and FLUX_NEEDS_GB[4] <= ram * 0.9:
-        advice = " Choose 4-bit" + (" or 8-bit" if quantize is None and FLUX_NEEDS_GB[8] <= ram * 0.9 else "") + "."
+    table = NEEDS_GB.get(source, FLUX_NEEDS_GB)
+    if quantize != 4 and table[4] <= ram * 0.9:
+        advice = " Choose 4-bit" + (" or 8-bit" if quantize is None and table[8] <= ram * 0.9 else "") + "."
     elif quantize != 4 or need > ram:
         advice = " Try the demo model."
     return (f"{label(source)} at {precision} needs about {need:.0f} GB of memory; this machine has "

@@ -7,10 +7,11 @@
 - blend: two favourites of one prompt mixed in the contextual space, alpha in [-0.5, 1.5];
   (vary and blend record their favourites from the batches they were made in: `Pipeline.record`)
 - upscale: the favourite regenerated at twice the size from its own image (image to image);
-- run again: a stored recipe, exactly, from the history's settings and inputs.
+- run again: a stored recipe, exactly, from the history's settings and inputs;
+- twin: a batch again with the same seeds and diversity off, to see what diversity did.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from PIL import Image as PILImage
@@ -180,3 +181,14 @@ def rerun(history, batch, low_memory=False) -> Job:
     return Job(Recipe.from_dict(stored), kind="rerun", low_memory=low_memory, reference=inputs.get("reference"),
                sources=sources, noise=list(latents) if latents is not None else None, image=inputs.get("image"),
                parent_image=batch.note.get("parent_image"), labels=labels, note=dict(of_batch=batch.id))
+
+
+def twin(history, batch, low_memory=False) -> Job:
+    """The batch again with the same seeds and noise but no diversity method: what diversity did, seen
+    side by side. A blend, a variation or an upscale has no plain twin (their noise or edits are theirs)."""
+    if batch.kind not in ("generate", "explore", "rerun", "twin") or batch.recipe.get("blend"):
+        raise ValueError("a plain twin needs a batch made from seeds: this one was varied, blended or upscaled")
+    job = rerun(history, batch, low_memory)
+    job.recipe = replace(job.recipe, method=None, diversity=None)
+    job.kind, job.reference, job.note = "twin", None, dict(twin_of=batch.id)
+    return job

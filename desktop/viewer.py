@@ -15,7 +15,8 @@ from .grid import draw_image
 from .models import label
 
 KINDS = {"generate": "new batch", "vary-subtle": "varied subtly", "vary-strong": "varied strongly",
-         "explore": "new directions", "blend": "blend", "upscale": "upscaled", "rerun": "run again"}
+         "explore": "new directions", "blend": "blend", "upscale": "upscaled", "rerun": "run again",
+         "twin": "same seeds, diversity off"}
 
 
 def recipe_fields(recipe: dict, image=None) -> list:
@@ -42,7 +43,7 @@ def recipe_fields(recipe: dict, image=None) -> list:
 def diversity_text(recipe: dict) -> str:
     """'moderate (scale 5.7e+08)', 'off', or the method's own description for other methods."""
     method = recipe.get("method")
-    d = recipe.get("app", {}).get("diversity")
+    d = recipe.get("app", {}).get("diversity", recipe.get("diversity"))
     if method is None:
         return "off"
     if isinstance(method, dict) and method.get("name") == "contextual" and d is not None:

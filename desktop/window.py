@@ -110,7 +110,9 @@ class MainWindow(QMainWindow):
         self.pinned = None  # an image pinned for comparison
         self.dialogs = []  # open viewers and comparisons
         self.defaults = {}  # source -> the model's defaults, once loaded
-        self.ask = lambda title, text: QMessageBox.question(self, title, text) == QMessageBox.StandardButton.Yes
+        no, yes = QMessageBox.StandardButton.No, QMessageBox.StandardButton.Yes
+        # the safe answer is the default: a download of many gigabytes, a model that may not fit
+        self.ask = lambda title, text: QMessageBox.question(self, title, text, yes | no, no) == yes
 
         self._lay_out()
         self._wire()
@@ -224,25 +226,49 @@ class MainWindow(QMainWindow):
     # --- actions and shortcuts ---------------------------------------------------------------------
 
     def _make_actions(self):
-        tb = QToolBar("Selected image")  # beside the Batch / History tabs: it acts on the selected image
+        """Every action once: in the menu bar (with its shortcut) and, for the selected image, in a toolbar
+        above the tabs (in the tab bar's corner it squeezed the tabs away at narrow widths)."""
+        tb = QToolBar("Selected image")
+        tb.setObjectName("imageActions")
+        tb.setMovable(False)
         tb.setToolButtonStyle(Qt.ToolButtonStyle.ToolButtonTextOnly)
         tb.setStyleSheet("QToolBar { border: none; spacing: 2px; } QToolButton { padding: 3px 7px; }")
-        self.tabs.setCornerWidget(tb, Qt.Corner.TopRightCorner)
+        self.addToolBar(Qt.ToolBarArea.TopToolBarArea, tb)
         self.toolbar = tb
         self.actions_ = {}
+        menus = {name: self.menuBar().addMenu(name) for name in ("&File", "&Image", "&View", "&Help")}
 
-        def act(name, text, tip, shortcut, fn):
+        def act(name, text, tip, shortcut, fn, menu="&Image", toolbar=True):
             a = QAction(text, self)
             a.setToolTip(f"{tip} ({QKeySequence(shortcut).toString(QKeySequence.SequenceFormat.NativeText)})"
                          if shortcut else tip)
+            a.setStatusTip(tip)
             if shortcut:
                 a.setShortcut(QKeySequence(shortcut))
             a.triggered.connect(fn)
-            tb.addAction(a)
-            tb.widgetForAction(a).setFocusPolicy(Qt.FocusPolicy.NoFocus)
+            menus[menu].addAction(a)
+            if toolbar:
+                tb.addAction(a)
+                tb.widgetForAction(a).setFocusPolicy(Qt.FocusPolicy.NoFocus)
             self.actions_[name] = a
             return a
 
+        act("generate", "Generate", "Make a batch from the form", "Ctrl+Return", self.generate, "&File", False)
+        act("cancel", "Cancel", "Stop after the current step", "Escape", self.cancel, "&File", False)
+        menus["&File"].addSeparator()
+        quit_ = act("quit", "Quit", "Close the window", QKeySequence.StandardKey.Quit, self.close, "&File", False)
+        quit_.setMenuRole(QAction.MenuRole.QuitRole)
+        self._image_actions(act)
+        tb.addSeparator()
+        act("view", "View", "Show the selected image full size (Enter)", None, self.view_selected, "&View")
+        act("star", "Star", "Star or un-star the selected image (S)", None, self.toggle_star, "&View")
+        act("compare", "Compare", "Pin the selected image, then compare it with another (C)", "C", self.compare_step,
+            "&View")
+        about = act("about", "About mlx-crepulse", "What this is", None, self._about, "&Help", False)
+        about.setMenuRole(QAction.MenuRole.AboutRole)
+        QShortcut(QKeySequence("Ctrl+Enter"), self, self.generate, context=Qt.ShortcutContext.WindowShortcut)
+
+    def _image_actions(self, act):
         act("subtle", "Vary subtly", "New images close to the selected one", "Ctrl+1", lambda: self.vary(refine.SUBTLE))
         act("strong", "Vary strongly", "New images loosely based on the selected one", "Ctrl+2",
             lambda: self.vary(refine.STRONG))
@@ -252,13 +278,12 @@ class MainWindow(QMainWindow):
             lambda: self.blend_dialog())
         act("upscale", "Upscale \u00d72", "Regenerate the selected image at twice the size from itself", "Ctrl+U",
             lambda: self.upscale())
-        tb.addSeparator()
-        act("view", "View", "Show the selected image full size (Enter)", None, self.view_selected)
-        act("star", "Star", "Star or un-star the selected image (S)", None, self.toggle_star)
-        act("compare", "Compare", "Pin the selected image, then compare it with another (C)", "C", self.compare_step)
-        for seq in ("Ctrl+Return", "Ctrl+Enter"):
-            QShortcut(QKeySequence(seq), self, self.generate, context=Qt.ShortcutContext.WindowShortcut)
-        QShortcut(QKeySequence("Escape"), self, self.cancel, context=Qt.ShortcutContext.WindowShortcut)
+        act("twin", "Diversity off", "The batch again with the same seeds and no diversity: what it did",
+            "Ctrl+0", lambda: self.twin())
+
+    def _about(self):
+        QMessageBox.about(self, "mlx-crepulse", "Varied images from FLUX with contextual repulsion "
+                          f"(Dahary et al. 2026), offline. History: {self.history.folder}")
 
     def _tab_changed(self, index):
         if index == 1:
@@ -275,6 +300,7 @@ class MainWindow(QMainWindow):
         for name in ("subtle", "strong", "blend", "upscale", "view", "star", "compare"):
             self.actions_[name].setEnabled(im is not None and (name in ("view", "star", "compare") or not busy))
         self.actions_["explore"].setEnabled(self._context_batch() is not None and not busy)
+        self.actions_["twin"].setEnabled(self._context_batch() is not None and not busy)
         self.actions_["star"].setText("Unstar" if im is not None and im.starred else "Star")
         pinned = self.pinned is not None
         self.actions_["compare"].setText("Compare with pinned" if pinned else "Compare")
@@ -328,7 +354,7 @@ class MainWindow(QMainWindow):
         self.progress_label.setText("Starting\u2026")
         self.tabs.setCurrentIndex(0)
         self.title.setText(job.prompt)
-        self.info.setText(f"{KINDS.get(job.kind, job.kind)} \u00b7 {job.n} images \u00b7 {models.label(job.source)}"
+        self.info.setText(f"{KINDS.get(job.kind, job.kind)} \u00b7 {plural(job.n, 'image')} \u00b7 {models.label(job.source)}"
                           " \u00b7 working\u2026")
         self.grid.set_placeholders(job.n, job.labels)
         self._update_actions()
@@ -357,9 +383,9 @@ class MainWindow(QMainWindow):
         return self.start(refine.explore(self.history, b, self.form.n.value(), self.form.diversity_value(),
                                          low_memory=self.form.low_memory.isChecked()))
 
-    def blend(self, a, b, alpha: float) -> bool:
+    def blend(self, a, b, alphas) -> bool:
         try:
-            job = refine.blend(self.history, a, b, [alpha], low_memory=self.form.low_memory.isChecked())
+            job = refine.blend(self.history, a, b, alphas, low_memory=self.form.low_memory.isChecked())
         except ValueError as e:
             self.banner.show_message(str(e))
             return False
@@ -376,7 +402,7 @@ class MainWindow(QMainWindow):
             return
         dlg = BlendDialog(a, candidates, self)
         if dlg.exec() and dlg.b is not None:
-            self.blend(a, dlg.b, dlg.alpha)
+            self.blend(a, dlg.b, dlg.alphas)
 
     def upscale(self) -> bool:
         im = self.selected_image()
@@ -389,12 +415,24 @@ class MainWindow(QMainWindow):
             return False
         return self.start(job)
 
+    def twin(self) -> bool:
+        b = self._context_batch()
+        if b is None:
+            return False
+        try:
+            job = refine.twin(self.history, b, low_memory=self.form.low_memory.isChecked())
+        except ValueError as e:
+            self.banner.show_message(str(e), "info")
+            return False
+        return self.start(job)
+
     def run_again(self, batch) -> bool:
         return self.start(refine.rerun(self.history, batch, low_memory=self.form.low_memory.isChecked()))
 
     def use_settings(self, batch):
-        self.form.load_recipe(batch.recipe)
-        self.statusBar().showMessage("settings loaded into the form: Ctrl+Enter makes the batch again", 6000)
+        self.form.load_recipe(batch.recipe, self.defaults.get(batch.recipe.get("model")))
+        self.statusBar().showMessage("settings loaded into the form, with a new seed (Run again makes that very "
+                                     "batch)", 6000)
         self.form.prompt.setFocus()
 
     # --- engine signals ----------------------------------------------------------------------------
@@ -416,6 +454,7 @@ class MainWindow(QMainWindow):
             self.form.steps.setSpecialValueText(f"default ({defaults['steps']})")
             for s, key in ((self.form.width_, "width"), (self.form.height_, "height")):
                 s.setSpecialValueText(f"default ({defaults[key]})")
+            self.form.set_model_size(defaults["width"], defaults["height"])
 
     def _progress(self, step, steps, elapsed, eta):
         if not self._mine():
@@ -447,7 +486,8 @@ class MainWindow(QMainWindow):
         self.show_batch(batch_id)
         b = self.batch
         self.progress_label.setText(f"{plural(len(b.images), 'image')} in {b.seconds:.1f} s")
-        self.history_view.refresh()
+        self.history_view.refresh(select_batch=batch_id)  # History follows: Run again and Export act on it
+        self.grid.setFocus()  # keys now move, star and open; typed into the prompt they changed it
         if job.kind != "generate":
             self.statusBar().showMessage(f"{KINDS.get(job.kind, job.kind)}: batch {batch_id}", 6000)
         self.batch_shown.emit(batch_id)
@@ -554,16 +594,24 @@ class MainWindow(QMainWindow):
         else:
             self.compare(self.pinned, im)
             self.pinned = None
+            self.statusBar().clearMessage()
         self._update_actions()
 
     def _keep(self, dialog):
-        self.dialogs = [d for d in self.dialogs if d.isVisible()] + [dialog]
+        """Show a viewer or comparison; it deletes itself on close, and leaves the list as it goes (a dead
+        wrapper left in the list broke the next open and the window's own closing)."""
+        self.dialogs.append(dialog)
         dialog.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
+        dialog.destroyed.connect(lambda *_: self._forget(dialog))
         dialog.show()
+
+    def _forget(self, dialog):
+        self.dialogs = [d for d in self.dialogs if d is not dialog]
 
     # --- models ------------------------------------------------------------------------------------
 
     def update_model_state(self):
+        self.banner.hide()  # what it said was about the model chosen before
         source, bits = self.form.source(), self.form.quantize()
         problem = models.availability(source)
         mem = models.memory_problem(source, bits)
@@ -629,7 +677,7 @@ class MainWindow(QMainWindow):
             except (RuntimeError, TypeError):
                 pass
         self._connections = []
-        for d in self.dialogs:
+        for d in list(self.dialogs):
             d.close()
         self.history.close()
         super().closeEvent(event)

@@ -140,6 +140,10 @@ class _Runner(QObject):
         if self.cancel_flag.is_set():
             raise Cancelled()
         recipe = self._recipe(pipe, job)
+        unknown = pipe.files.unknown_words(recipe.prompt)
+        if unknown:
+            self.warning.emit(f"This model knows only the words {', '.join(pipe.files.vocabulary)}: "
+                              f"{', '.join(unknown)} will not change the picture.")
         for what, count, limit in pipe.files.token_overflow(recipe):
             self.warning.emit(f"The {what} is {count} tokens long and this model reads {limit}: the end of it is "
                               "ignored.")

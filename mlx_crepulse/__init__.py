@@ -1,4 +1,6 @@
-"""mlx-crepulse: FLUX.1 in MLX with contextual repulsion, for varied batches of images on Apple Silicon."""
+"""mlx-crepulse: FLUX in MLX with contextual repulsion, for varied batches of images on Apple Silicon."""
+
+from . import blas  # noqa: F401 - first: on Linux it must run before MLX is imported
 
 from .defaults import Defaults, DefaultsError
 from .pipeline import Cancelled, NotFinite, Pipeline, Progress, Result

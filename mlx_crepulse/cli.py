@@ -32,7 +32,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from . import metadata, weights
+from . import memory, metadata, weights
 from .cli_args import DEFAULT_OUTPUT, UsageError, generation_parser, recipe_from_args
 from .cli_output import _Bar, _Interrupt, _Paths, err
 from .model_folder import ModelFolder
@@ -97,10 +97,15 @@ def _generate(args, stdout) -> int:
     output = Path(args.output or DEFAULT_OUTPUT)
     check_writable(output)
     files = ModelFolder.open(recipe.model, progress=not args.quiet)
-    resolved = files.resolve(recipe, recipe.quantize)
+    memory.check_files(files, recipe.quantize, args.low_memory, args.force)  # the weights, before reading them
+    resolved = files.resolve(recipe, recipe.quantize, force=args.force)
     if recipe.negative_prompt and resolved.true_cfg <= 1:
         _say(args, "warning: --negative-prompt has no effect with true CFG off: pass --true-cfg above 1")
     _check_tokens(files, resolved, args.truncate, args.quiet)
+    unknown = files.unknown_words(resolved.prompt)
+    if unknown:
+        _say(args, f"warning: this model knows only {' '.join(files.vocabulary)}; new to it: {' '.join(unknown)}"
+                   + (f" (try \"{files.example_prompt}\")" if files.example_prompt else ""))
     wanted = None if (args.all or index is None) else index
     if wanted is not None and wanted >= resolved.n:
         raise UsageError(f"{args.from_file} is image {wanted} of its batch; -n {resolved.n} does not reach it")
@@ -116,8 +121,12 @@ def _generate(args, stdout) -> int:
         if len(batches) > 1:
             sheet["batch_size"] = batches[0][1]
         slug = metadata.slug(resolved.prompt)
-        stdout.emit(metadata.write_png(output / f"{slug}-{resolved.seed}-sheet.png", contact_sheet(images), sheet,
-                                       overwrite=False))
+        try:
+            stdout.emit(metadata.write_png(output / f"{slug}-{resolved.seed}-sheet.png", contact_sheet(images), sheet,
+                                           overwrite=False))
+        except OSError as e:
+            raise UsageError(f"cannot write the contact sheet to {output}: {e.strerror or e}; kept the "
+                             f"{len(written)} image(s)") from None
     if interrupted:
         err(f"interrupted: kept {len(written)} finished image(s)" if written else "interrupted: no image finished")
         return 130
@@ -146,7 +155,11 @@ def _run_batches(pipe, recipe, batches, wanted, output, stdout, quiet, stop):
             bar.end()
         for i, image in enumerate(result.images):
             if wanted is None or i == wanted:
-                path = _write(output, result, i, offset, recipe)
+                try:
+                    path = _write(output, result, i, offset, recipe)
+                except OSError as e:  # a full disk, a folder gone: what was written stays, whole
+                    raise UsageError(f"cannot write to {output}: {e.strerror or e}; kept the {len(written)} "
+                                     "image(s) written before") from None
                 stdout.emit(path)
                 written.append(path)
                 images.append(image)
@@ -177,7 +190,9 @@ def _read_recipe(path):
     except RecipeError as e:
         raise UsageError(f"{path}: {e}") from e
     index = d.get("index")
-    return recipe, index if isinstance(index, int) and not isinstance(index, bool) else None
+    if index is not None and (isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < recipe.n):
+        raise UsageError(f"{path}: its recipe's index {index!r} is not an image of its batch of {recipe.n}")
+    return recipe, index
 
 
 def _batches(n, batch_size, repelling):

@@ -39,8 +39,9 @@ def generation_parser() -> argparse.ArgumentParser:
                        "0.5*D. 0 = plain seeds.\nstdout: only the paths written. Exit 2: bad input, nothing "
                        "written. Exit 130: interrupted.")
     p.add_argument("prompt", nargs="?", help="what to draw")
-    p.add_argument("-m", "--model", help="demo (default, bundled, offline), schnell, dev, a Hub repo id, or a "
-                                         "folder (diffusers layout, or one written by download/convert)")
+    p.add_argument("-m", "--model", help="demo (default, bundled, offline), klein, klein-base, klein-9b, "
+                                         "klein-9b-base, schnell, dev, a Hub repo id, or a folder (diffusers "
+                                         "layout, or one written by download/convert)")
     p.add_argument("-n", "--n-images", dest="n", type=int, metavar="N", help=f"images in the batch ({DEFAULT_N})")
     p.add_argument("--seed", type=int, help="batch seed; image i gets seed+i (random if not given)")
     p.add_argument("--steps", type=int, help="denoising steps (the model's default: schnell 4, dev 20)")
@@ -72,6 +73,7 @@ def generation_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="with --from: write the whole batch, not only that image")
     p.add_argument("--no-sheet", action="store_true", help="do not write the contact sheet")
     p.add_argument("--low-memory", action="store_true", help="free the text encoders between prompts")
+    p.add_argument("--force", action="store_true", help="run even when the memory estimate says it will not fit")
     p.add_argument("--quiet", action="store_true", help="nothing on stderr but errors")
     p.add_argument("--version", action="version", version=f"mlx-crepulse {__version__}")
     return p

@@ -43,10 +43,10 @@ def cmd_info(argv) -> int:
 
 def cmd_download(argv) -> int:
     p = _Parser(prog="mlx-crepulse download",
-                description="Fetch a FLUX.1 pipeline from the Hugging Face Hub into its cache (only the files a "
+                description="Fetch a FLUX.1 or FLUX.2 [klein] pipeline from the Hugging Face Hub into its cache (only the files a "
                             "pipeline needs). With -q or -o, also write a folder (quantized with -q) that "
                             "--model loads directly. Prints the folder to use.")
-    p.add_argument("name", help="schnell, dev, or a Hub repo id (owner/name)")
+    p.add_argument("name", help=f"{', '.join(weights.ALIASES)}, or a Hub repo id (owner/name)")
     p.add_argument("-q", "--quantize", type=int, choices=(4, 8), help="quantize the transformer and T5")
     p.add_argument("-o", "--output", help="folder to write (default with -q: ./<repo>-<bits>bit)")
     p.add_argument("--quiet", action="store_true")
@@ -55,7 +55,7 @@ def cmd_download(argv) -> int:
     if Path(args.name).expanduser().exists():
         raise UsageError(f"{args.name} is a local path: use `mlx-crepulse convert {args.name} -o FOLDER`")
     if not weights.is_repo_id(repo):
-        raise UsageError(f"unknown model {args.name!r}: use schnell, dev or a Hub repo id (owner/name)")
+        raise UsageError(f"unknown model {args.name!r}: use {', '.join(weights.ALIASES)} or a Hub repo id (owner/name)")
     out = None
     if args.quantize or args.output:
         out = Path(args.output).expanduser() if args.output else Path(f"{repo.split('/')[-1]}-{args.quantize}bit")

@@ -36,12 +36,12 @@ def describe_method(d: Optional[dict]) -> str:
     'contextual scale=1e+08 iterations=50 repelled steps=1 blocks=all'."""
     if not d:
         return "none"
-    if isinstance(d, str):
-        return d
+    if not isinstance(d, dict):
+        return str(d)
     name = d.get("name")
     if name == "contextual":
         blocks = d.get("blocks")
-        blocks = blocks if isinstance(blocks, str) else "+".join(str(b) for b in blocks or [])
+        blocks = "+".join(str(b) for b in blocks) if isinstance(blocks, list) else str(blocks)
         parts = [f"scale={_num(d.get('scale'))}", f"iterations={d.get('iterations')}",
                  f"repelled steps={d.get('repelled_steps')}", f"blocks={blocks}"]
         if d.get("tokens", "text") != "text":
@@ -71,7 +71,7 @@ def _quote(v) -> str:
 def a1111_parameters(recipe: dict) -> str:
     """The recipe as AUTOMATIC1111 writes it: prompt, optional negative prompt line, then settings.
     FLUX's embedded guidance goes where Forge puts it ("Distilled CFG Scale"); "CFG scale" is true CFG."""
-    lines = [recipe.get("prompt", "")]
+    lines = [str(recipe.get("prompt", ""))]
     if recipe.get("negative_prompt"):
         lines.append(f"Negative prompt: {recipe['negative_prompt']}")
     seed = recipe.get("image_seed")

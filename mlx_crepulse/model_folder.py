@@ -6,11 +6,14 @@ scheduler and the model's defaults), so that a recipe can be resolved and checke
 from there; the CLI and the app use the same object, so they check exactly what the pipeline checks.
 """
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from . import weights
+import mlx.core as mx
+
+from . import footprint, memory, weights
 from .defaults import Defaults
 from .models.autoencoder import VAEParams
 from .models.config import ConfigError
@@ -30,11 +33,17 @@ class ModelFolder:
     tokenizer_2: Tokenizer  # T5's
     scheduler: dict
     defaults: Defaults
+    vocabulary: Optional[tuple] = None  # the only words a small model knows (crepulse.json), if it says
+    example_prompt: Optional[str] = None
+    family = "flux1"  # the model family; klein.KleinFolder's is "flux2-klein"
 
     @classmethod
     def open(cls, source: str = "demo", progress: bool = False) -> "ModelFolder":
         folder = weights.resolve(source, progress=progress)
         index = weights.read_json(folder / "model_index.json")
+        if index.get("_class_name") == "Flux2KleinPipeline":  # FLUX.2 [klein]: its own components
+            from .klein import KleinFolder
+            return KleinFolder.open_at(str(source), folder, index)
         missing = [c for c in weights.COMPONENTS if c not in index or not (folder / c).is_dir()]
         if missing:
             raise weights.WeightsError(f"{folder} is not a complete FLUX pipeline: missing {', '.join(missing)}")
@@ -49,7 +58,10 @@ class ModelFolder:
             weights.weight_files(folder / name)
         tokenizer, tokenizer_2 = (_tokenizer(folder / name) for name in ("tokenizer", "tokenizer_2"))
         scheduler = weights.read_json(folder / "scheduler" / "scheduler_config.json")
-        return cls(str(source), folder, configs, tokenizer, tokenizer_2, scheduler, _defaults(folder, configs))
+        extra = weights.read_json(folder / "crepulse.json") if (folder / "crepulse.json").exists() else {}
+        vocabulary = extra.get("vocabulary")
+        return cls(str(source), folder, configs, tokenizer, tokenizer_2, scheduler, _defaults(folder, configs),
+                   tuple(vocabulary) if isinstance(vocabulary, list) else None, extra.get("example_prompt"))
 
     @property
     def saved_bits(self) -> Optional[int]:
@@ -62,25 +74,42 @@ class ModelFolder:
         """Image sizes must be multiples of this: 2x2 patches of the VAE's latent pixels (16 for FLUX)."""
         return max(16, 2 * 2 ** (len(self.configs["vae"]["block_out_channels"]) - 1))
 
-    def resolve(self, recipe: Recipe, quantize: Optional[int] = None) -> Recipe:
-        """The recipe with this model's defaults, checked against it."""
+    def resolve(self, recipe: Recipe, quantize: Optional[int] = None, force: bool = False) -> Recipe:
+        """The recipe with this model's defaults, checked against it (and, unless `force`, against this
+        machine's memory)."""
         resolved = recipe.resolve(self.defaults, model=self.source, quantize=self.saved_bits or quantize)
-        self.check(resolved)
+        self.check(resolved, force)
         return resolved
 
-    def check(self, recipe: Recipe):
-        """What a resolved recipe asks that this model cannot do: one RecipeError naming it."""
+    def check(self, recipe: Recipe, force: bool = False):
+        """What a resolved recipe asks that this model (or, unless `force`, this machine's memory)
+        cannot do: one RecipeError naming it."""
         m = self.size_multiple
         for name in ("width", "height"):
             v = getattr(recipe, name)
             if v % m:
                 raise RecipeError(f"{name} {v} must be a multiple of {m} (try {max(m, round(v / m) * m)})")
-        p = FluxParams.from_config(self.configs["transformer"])
+        p = self.transformer_params
         try:
             if recipe.method is not None:
                 recipe.method.check_model(p.num_layers, p.num_attention_heads * p.attention_head_dim)
         except ValueError as e:
             raise RecipeError(str(e)) from None
+        if not force:
+            footprint.check(self.configs, recipe, memory.weights_bytes(self, recipe.quantize),
+                            scores_materialised=mx.default_device() == mx.cpu)
+
+    @property
+    def transformer_params(self):
+        return FluxParams.from_config(self.configs["transformer"])
+
+    def unknown_words(self, prompt: str) -> list:
+        """The words of a prompt outside the model's vocabulary, for a model that names one (the demo:
+        the words of its captions); [] for the others."""
+        if not self.vocabulary:
+            return []
+        words = re.findall(r"[\w'-]+", prompt.lower())
+        return [w for w in dict.fromkeys(words) if w not in self.vocabulary]
 
     def token_overflow(self, recipe: Recipe) -> list:
         """(what, tokens, limit) for the prompt and negative prompt that are longer than the recipe's
@@ -95,12 +124,17 @@ class ModelFolder:
 
 
 def _tokenizer(folder: Path) -> Tokenizer:
+    files = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    if not files:
+        raise weights.WeightsError(f"the tokenizer folder {folder} is missing or empty; download or convert the "
+                                   "model again")
     try:
         return Tokenizer(folder)
-    except Exception as e:  # transformers raises OSError, ValueError, TypeError... for missing files
+    except Exception as e:  # tokenizers and transformers raise OSError, ValueError, TypeError, Exception...
         cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise weights.WeightsError(f"cannot load the tokenizer in {folder}: its files are missing or unreadable; "
-                                   f"download or convert the model again (transformers says: {cause})") from e
+        what = "its tokenizer.json is damaged" if "tokenizer.json" in files else "its files are incomplete"
+        raise weights.WeightsError(f"cannot load the tokenizer in {folder}: {what} ({cause}); download or "
+                                   "convert the model again") from e
 
 
 def _defaults(folder: Path, configs: dict) -> Defaults:

@@ -16,7 +16,7 @@ from typing import Callable, Optional
 import mlx.core as mx
 import numpy as np
 
-from . import cpu, lora, sampling, weights
+from . import cpu, lora, memory, sampling, weights
 from .models import autoencoder, clip, t5
 from .models.flux import FluxTransformer
 from .model_folder import ModelFolder
@@ -105,14 +105,17 @@ class Pipeline:
 
     @classmethod
     def from_pretrained(cls, source: str = "demo", quantize: Optional[int] = None, low_memory: bool = False,
-                        progress: bool = False, loras=None) -> "Pipeline":
+                        progress: bool = False, force: bool = False, loras=None) -> "Pipeline":
         """Load "demo", "schnell", "dev", a Hub repo id or a diffusers-layout folder; quantize the
         transformer and T5 to 4 or 8 bits while loading. With `low_memory`, T5 and CLIP are freed once
-        a prompt is encoded and read again for the next new prompt. `loras`: [(path or Hub reference
-        `owner/name:file.safetensors`, scale), ...] or a recipe's recorded LoRAs (see `lora.read_all`)."""
+        a prompt is encoded and read again for the next new prompt. Refuses (memory.NotEnoughMemory) when
+        the machine's memory cannot hold it, before reading the weights, unless `force`. `loras`:
+        [(path or Hub reference `owner/name:file.safetensors`, scale), ...] or a recipe's recorded LoRAs
+        (see `lora.read_all`)."""
         if quantize not in (None, 4, 8):
             raise ValueError(f"quantize must be None, 4 or 8 (bits), not {quantize!r}")
         files = ModelFolder.open(source, progress=progress)
+        memory.check_files(files, quantize, low_memory, force)
         lora_files = lora.read_all(loras)  # every LoRA file checked before the weights are read
         pipe = cls.load(files, quantize, low_memory)
         if lora_files:
@@ -131,6 +134,10 @@ class Pipeline:
     @classmethod
     def load(cls, files: ModelFolder, quantize: Optional[int] = None, low_memory: bool = False) -> "Pipeline":
         """Read the weights of an opened model folder (see `from_pretrained`)."""
+        if files.family != "flux1":  # FLUX.2 [klein] (klein.py): its own components
+            from .klein import KleinPipeline
+            return KleinPipeline.load(files, quantize, low_memory)
+
         def component(name, model_cls, sanitize):
             config = files.configs[name]
             saved = config.get("quantization")
@@ -193,22 +200,27 @@ class Pipeline:
     # --- the work --------------------------------------------------------------------------------------
 
     def encode(self, prompt: str, max_sequence_length: int):
-        """(T5 states (1, L, D), CLIP pooled (1, P)) for a prompt, cached per prompt."""
+        """The text condition of a prompt (`_encode`), cached per prompt; in low-memory mode the text
+        encoders are freed once it is computed and read again for the next new prompt."""
         key = (prompt, max_sequence_length)
         if key not in self._prompt_cache:
             if self.text_encoder is None:
                 self.text_encoder, self.text_encoder_2 = self._reload_encoders()
-            clip_ids = self.tokenizer.ids(prompt, self.tokenizer.model_max_length)
-            t5_ids = self.tokenizer_2.ids(prompt, max_sequence_length)
-            txt = self.text_encoder_2(mx.array(t5_ids)).astype(self.dtype)
-            pooled = self.text_encoder(mx.array(clip_ids))[1].astype(self.dtype)
-            mx.eval(txt, pooled)
+            condition = self._encode(prompt, max_sequence_length)
+            mx.eval([c for c in condition if c is not None])
             if len(self._prompt_cache) > 8:
                 self._prompt_cache.pop(next(iter(self._prompt_cache)))
-            self._prompt_cache[key] = (txt, pooled)
+            self._prompt_cache[key] = condition
             if self._reload_encoders is not None:  # low-memory mode: free the encoders at once
                 self.text_encoder = self.text_encoder_2 = None
         return self._prompt_cache[key]
+
+    def _encode(self, prompt: str, max_sequence_length: int):
+        """(T5 states (1, L, D), CLIP pooled (1, P))."""
+        clip_ids = self.tokenizer.ids(prompt, self.tokenizer.model_max_length)
+        t5_ids = self.tokenizer_2.ids(prompt, max_sequence_length)
+        txt = self.text_encoder_2(mx.array(t5_ids)).astype(self.dtype)
+        return txt, self.text_encoder(mx.array(clip_ids))[1].astype(self.dtype)
 
     def decode(self, tokens: mx.array, rows: int, cols: int) -> np.ndarray:
         """Packed latents -> float32 images (n, H, W, 3) in [0, 1], one image at a time to cap memory."""
@@ -229,9 +241,10 @@ class Pipeline:
         z = vae.encode(mx.array(images * 2 - 1).astype(_dtype_of(vae)))
         return sampling.pack((z.astype(mx.float32) - vae.shift_factor) * vae.scaling_factor)
 
-    def resolve(self, recipe=None, **settings) -> Recipe:
+    def resolve(self, recipe=None, force: bool = False, **settings) -> Recipe:
         """A Recipe (or a prompt, or settings alone) with this model's defaults filled in and checked
-        against this model: what `generate` runs. Keyword settings replace the recipe's."""
+        against this model and, unless `force`, this machine's memory: what `generate` runs. Keyword
+        settings replace the recipe's."""
         if "repulsion" in settings:  # the 0.1 name of the method parameter
             warnings.warn("generate(repulsion=...) is now generate(method=...)", DeprecationWarning, stacklevel=3)
             settings["method"] = settings.pop("repulsion")
@@ -241,19 +254,20 @@ class Pipeline:
             recipe = Recipe(**({"prompt": recipe} if recipe is not None else {}), **settings)
         else:
             raise RecipeError(f"generate takes a Recipe or a prompt, not {type(recipe).__name__}")
-        return replace(self.files.resolve(recipe, self.quantize), loras=tuple(self.loras))  # what is applied
+        return replace(self.files.resolve(recipe, self.quantize, force), loras=tuple(self.loras))  # what is applied
 
     def generate(self, recipe=None, callback: Optional[Callable] = None, latents=None, image=None,
-                 output_type: str = "pil", **settings) -> Result:
+                 output_type: str = "pil", force: bool = False, **settings) -> Result:
         """Generate a batch of images of one prompt together: `generate(Recipe(...))`, or
         `generate("a prompt", n=4, method=Repulsion(...), ...)` with any Recipe field as a keyword.
         `latents`: the initial packed noise (n, tokens, channels) instead of the seeds'. `image`: start
         from these images (n, H, W, 3 in [0, 1]) noised to the recipe's `strength` (image to image, as
         diffusers' FluxImg2ImgPipeline). A recipe's `blend` needs its sources recorded with `record`.
-        `callback(progress)` runs after each step; returning False cancels (raises `Cancelled`)."""
+        `callback(progress)` runs after each step; returning False cancels (raises `Cancelled`). A batch
+        that would not fit in this machine's memory is refused (`footprint.TooLarge`) unless `force`."""
         if output_type not in ("pil", "np"):
             raise ValueError(f"output_type must be 'pil' or 'np', not {output_type!r}")
-        run = self._begin(self.resolve(recipe, **settings), latents, image)
+        run = self._begin(self.resolve(recipe, force, **settings), latents, image)
         started = time.perf_counter()
         x, sig = run.x, None
         for i, x, x0, sig in self._steps(run, callback, run.steps, started):
@@ -265,12 +279,12 @@ class Pipeline:
                       time.perf_counter() - started)
 
     def record(self, recipe, rows: list, record_steps: int = 2, callback: Optional[Callable] = None,
-               latents=None, image=None, **settings) -> list:
+               latents=None, image=None, force: bool = False, **settings) -> list:
         """What the transformer does to images `rows` of the batch `generate(recipe, ...)` makes, during
         its first `record_steps` steps (at least as many as the batch is repelled): a `Recording` per row,
         the sources of a `Blend` (a blend batch can be recorded too: its own blend is replayed). Runs only
         those steps; decodes nothing. `callback(progress)` as for `generate`."""
-        recipe = self.resolve(recipe, **settings)
+        recipe = self.resolve(recipe, force, **settings)
         n, method, blend = recipe.n, recipe.method, recipe.blend
         bad = [r for r in rows if not (isinstance(r, int) and 0 <= r < n)]
         if bad or not rows:
@@ -330,7 +344,7 @@ class Pipeline:
             if noise.shape != (n, rows * cols, channels):
                 raise RecipeError(f"latents must have shape {(n, rows * cols, channels)} for n={n} at "
                                   f"{recipe.width}x{recipe.height}, not {tuple(noise.shape)}")
-        sigmas = sampling.schedule(recipe.steps, rows * cols, self.scheduler_config)
+        sigmas = self.schedule(recipe.steps, rows * cols)
         x = noise
         if (image is None) != (recipe.strength is None):
             raise RecipeError("image to image needs both an image and a strength (in (0, 1]), or neither")
@@ -355,7 +369,7 @@ class Pipeline:
         n, method, blend = r.n, r.method, r.blend
         tf = self.transformer
         groups = 2 if neg is not None else 1
-        pe = tf.pos_embed(mx.zeros((txt.shape[1], 3)), sampling.image_ids(run.rows, run.cols))
+        pe = self.positions(txt.shape[1], run.rows, run.cols)
         g = None if r.guidance is None or not tf.guidance_embeds else mx.array([r.guidance], mx.float32)
         signatures = []
         sig_block = len(tf.transformer_blocks) // 2
@@ -386,6 +400,14 @@ class Pipeline:
             x = x + (sigmas[i + 1] - sigma) * v
             mx.eval(x)
             yield i, x, x0, signatures[0] if signatures else None
+
+    def schedule(self, steps: int, image_tokens: int) -> list:
+        """The sigmas of a call (steps + 1 values); a model family may schedule otherwise."""
+        return sampling.schedule(steps, image_tokens, self.scheduler_config)
+
+    def positions(self, text_tokens: int, rows: int, cols: int) -> tuple:
+        """RoPE of the joint sequence (text first); FLUX.1's text positions are all zero."""
+        return self.transformer.pos_embed(mx.zeros((text_tokens, 3)), sampling.image_ids(rows, cols))
 
     def _with_negative(self, c_txt, vec, neg, n, t, g):
         """The conditional and unconditional branches' text and conditioning vectors as one batch of 2n."""

@@ -175,9 +175,11 @@ def method_from_dict(d) -> Union[Method, str, None]:
         return d
     if not isinstance(d, dict):
         raise RecipeError(f"the recipe's method must be an object or a name, not {d!r}")
+    if not all(isinstance(k, str) for k in d):
+        raise RecipeError(f"the recipe's method has a setting that is not named: {d!r}")
     d = dict(d)
     name = d.pop("name", None)
-    cls = METHODS.get(name)
+    cls = METHODS.get(name) if isinstance(name, str) else None
     if cls is None:
         raise RecipeError(f"unknown diversity method {name!r} (known: {', '.join(METHODS)})")
     if d.pop("reference_size", None):

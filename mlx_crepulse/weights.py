@@ -16,14 +16,17 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 PACKAGE_DIR = Path(__file__).parent
 DEMO_DIR = PACKAGE_DIR / "demo_model"
-ALIASES = {"schnell": "black-forest-labs/FLUX.1-schnell", "dev": "black-forest-labs/FLUX.1-dev"}
+ALIASES = {"schnell": "black-forest-labs/FLUX.1-schnell", "dev": "black-forest-labs/FLUX.1-dev",
+           # FLUX.2 [klein] (klein.py): 4B Apache-2.0; 9B under the FLUX non-commercial licence (gated)
+           "klein": "black-forest-labs/FLUX.2-klein-4B", "klein-base": "black-forest-labs/FLUX.2-klein-base-4B",
+           "klein-9b": "black-forest-labs/FLUX.2-klein-9B", "klein-9b-base": "black-forest-labs/FLUX.2-klein-base-9B"}
 COMPONENTS = ("transformer", "text_encoder", "text_encoder_2", "vae", "tokenizer", "tokenizer_2", "scheduler")
 QUANTIZED = ("transformer", "text_encoder_2")  # the big ones; CLIP and the VAE stay as they are
 GROUP_SIZE = 64
 # What a pipeline needs from a Hub repo; FLUX repos also hold BFL single files at their root, skipped.
 HUB_PATTERNS = ["model_index.json", "crepulse.json"] + [f"{c}/*.json" for c in COMPONENTS] + [
     f"{c}/*.safetensors" for c in ("transformer", "text_encoder", "text_encoder_2", "vae")
-] + ["tokenizer/*.txt", "tokenizer_2/*.model", "tokenizer_2/*.txt"]
+] + ["tokenizer/*.txt", "tokenizer/*.jinja", "tokenizer_2/*.model", "tokenizer_2/*.txt"]  # .jinja: Qwen3's chat template
 
 
 def is_repo_id(name: str) -> bool:
@@ -57,7 +60,7 @@ def resolve(source: str, progress: bool = False) -> Path:
         return path
     repo = ALIASES.get(source, source)
     if not is_repo_id(repo):
-        raise WeightsError(f"unknown model {source!r}: use demo, schnell, dev, a Hub repo id (owner/name) "
+        raise WeightsError(f"unknown model {source!r}: use demo, {', '.join(ALIASES)}, a Hub repo id (owner/name) "
                            "or an existing folder")
     return Path(download(repo, progress=progress))
 
@@ -186,17 +189,23 @@ def has_guidance_embedding(keys) -> bool:
                for k in keys)
 
 
-def safetensors_keys(path: Path) -> list:
-    """Tensor names from a safetensors header (8-byte length, then JSON), without reading the tensors."""
+def safetensors_header(path: Path) -> dict:
+    """A safetensors file's tensor table (name -> dtype, shape, offsets), from its header only (8 bytes of
+    length, then JSON), without reading the tensors."""
     try:
         with open(path, "rb") as f:
             size = int.from_bytes(f.read(8), "little")
             if not 0 < size < 1 << 30:
                 raise ValueError("bad header length")
-            header = json.loads(f.read(size))
+            table = json.loads(f.read(size))
     except (OSError, ValueError) as e:
-        raise WeightsError(f"{path} is not a readable .safetensors file ({e})") from None
-    return [k for k in header if k != "__metadata__"]
+        raise WeightsError(f"{path} is not a readable .safetensors file ({e}); download it again") from None
+    table.pop("__metadata__", None)
+    return table
+
+
+def safetensors_keys(path: Path) -> list:
+    return list(safetensors_header(path))
 
 
 def bfl_to_diffusers(weights: dict) -> dict:

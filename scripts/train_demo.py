@@ -517,6 +517,9 @@ DEFAULTS = {
     "repulsion_scale_range": [3.5e3, 1.4e4],
     "repulsion_iterations": 50,
     "repulsion_steps": 3,
+    # the only words its captions use: the CLI and the app name the others when a prompt has them
+    "vocabulary": sorted({w for c in shapes.all_captions() for w in c.split()}),
+    "example_prompt": "a small red circle at top left on black",
 }
 
 SHIPPED = ("model_index.json", "crepulse.json", "scheduler", "tokenizer", "tokenizer_2", "text_encoder",

@@ -123,6 +123,8 @@ BAD = {
     "absurd n": ([PROMPT, "-n", "3000000000"], "n must be 1 to 4096"),
     "absurd steps": ([PROMPT, "--steps", "100000000000"], "steps must be 1 to 1000"),
     "absurd sequence": ([PROMPT, "--max-sequence-length", "100000"], "max_sequence_length must be 1 to 4096"),
+    "too large for memory": ([PROMPT, "--width", "1024", "--height", "1024", "-n", "1", "--steps", "1"],
+                             "needs about", "the largest that fits is", "--force"),
     "convert a missing file": (["convert", "flux1-dev.safetensors", "--base", "dev", "-q", "8", "-o", "out"],
                                "flux1-dev.safetensors does not exist"),
 }
@@ -253,11 +255,21 @@ def test_negative_prompt_warns_only_when_true_cfg_is_off(tmp_path, model_arg, hf
     and the recipe records it; with `--true-cfg 1` it has no effect, and says so."""
     base = [PROMPT, "--model", "demo", "-n", "2", "--steps", "1", "--no-sheet", "--negative-prompt", "blue"]
     used = run(base, tmp_path, hf_home)
-    assert used.returncode == 0 and "warning" not in used.stderr, used.stderr
+    assert used.returncode == 0 and "--negative-prompt has no effect" not in used.stderr, used.stderr
+    assert "warning: this model knows only" in used.stderr and "new to it: fox" in used.stderr
     r = metadata.read_png(tmp_path / used.stdout.splitlines()[0])
     assert r["negative_prompt"] == "blue" and r["true_cfg"] == 4.0
     off = run(base + ["--true-cfg", "1", "-o", "off"], tmp_path, hf_home)
     assert off.returncode == 0 and "warning: --negative-prompt has no effect" in off.stderr
+
+
+def test_demo_says_which_words_it_knows(tmp_path, hf_home):
+    """The demo knows only its captions' words: a prompt inside them runs quietly, one outside gets a
+    warning listing what is new to it and an example it understands (the newcomer's first prompt)."""
+    known = run(["a small red circle on black", "-n", "2", "--steps", "1", "--no-sheet"], tmp_path, hf_home)
+    assert known.returncode == 0 and "warning" not in known.stderr, known.stderr
+    new = run(["a fox in the snow", "-n", "2", "--steps", "1", "--no-sheet", "-o", "fox"], tmp_path, hf_home)
+    assert new.returncode == 0 and "new to it: fox in the snow (try \"a small red circle" in new.stderr
 
 
 def test_from_reproduces_the_image_bit_for_bit(batch, second_wave):
@@ -516,3 +528,28 @@ def test_diversity_knob_and_batches():
     assert cli._batches(5, 2, False) == [(0, 2), (2, 2), (4, 1)]
     assert cli._batches(3, None, True) == [(0, 3)]
     assert metadata.slug("  A Red Fox, in the Snow!  ") == "a-red-fox-in-the-snow"
+
+
+def test_disk_full_keeps_what_was_written(tmp_path, monkeypatch, capsys):
+    """The disk filling up after two images (the file system's ENOSPC, raised by the PNG writer):
+    exit 2 with one line naming the folder and what was kept; the two images are whole, nothing else
+    (no partial file, no sheet) is left."""
+    import errno
+
+    written = []
+    real = metadata.write_png
+
+    def filling(path, *a, **k):
+        if len(written) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written.append(real(path, *a, **k))
+        return written[-1]
+    monkeypatch.setattr(metadata, "write_png", filling)
+    out = tmp_path / "pics"
+    code = cli.main([PROMPT, "--model", "demo", "-n", "4", "--steps", "1", "-o", str(out), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert f"cannot write to {out}: No space left on device; kept the 2 image(s)" in err
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in written)
+    for p in written:
+        pixels(p)

@@ -143,3 +143,20 @@ def test_split_forward_under_openblas():
     proc = subprocess.run([sys.executable, "-c", SPLIT_WITH_OPENBLAS], env=env, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
+@pytest.mark.skipif(not __import__("os").path.exists(OPENBLAS), reason="Debian's libopenblas0-pthread is not installed")
+def test_system_openblas_is_used_without_an_environment_variable():
+    """Where a system OpenBLAS is installed, importing mlx_crepulse binds MLX's matmuls to it (what
+    LD_PRELOAD did, and the README asked for); MLX_CREPULSE_BLAS=bundled keeps MLX's own."""
+    import os
+    import subprocess
+    import sys
+
+    probe = "from mlx_crepulse import blas, cpu; print(blas.LOADED, cpu.openblas_threads() is not None)"
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    found = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60)
+    assert found.stdout.split() == [OPENBLAS, "True"], found.stderr
+    env["MLX_CREPULSE_BLAS"] = "bundled"
+    kept = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60)
+    assert kept.stdout.split() == ["bundled", "False"], kept.stderr

@@ -347,3 +347,19 @@ def test_config_is_typed(model_dir, no_weight_loading, component, change, words)
     path.write_text(json.dumps(config))
     msg = load_error(model_dir)
     assert words in msg and str(path) in msg
+
+
+def test_damaged_tokenizer_json(model_dir, no_weight_loading):
+    """A tokenizer.json cut to `{`: one WeightsError saying it is damaged, before any weights load (the
+    CLI used to count tokens first and show a traceback)."""
+    (model_dir / "tokenizer_2" / "tokenizer.json").write_text("{")
+    msg = load_error(model_dir)
+    assert "tokenizer_2" in msg and "tokenizer.json is damaged" in msg and "download" in msg
+    assert "sentencepiece" not in msg
+
+
+def test_crepulse_json_with_a_bad_setting(model_dir, no_weight_loading):
+    """A crepulse.json whose scale range is not two numbers: one WeightsError naming the field and file."""
+    (model_dir / "crepulse.json").write_text(json.dumps({"repulsion_scale_range": "big"}))
+    msg = load_error(model_dir)
+    assert "repulsion_scale_range must be [low, high]" in msg and "crepulse.json" in msg
