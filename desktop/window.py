@@ -612,6 +612,8 @@ class MainWindow(QMainWindow):
 
     def update_model_state(self):
         self.banner.hide()  # what it said was about the model chosen before
+        if self.job is None and self.progress_label.text() in ("Failed", "Cancelled"):
+            self.progress_label.setText("Ready")
         source, bits = self.form.source(), self.form.quantize()
         problem = models.availability(source)
         mem = models.memory_problem(source, bits)

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# A scripted afternoon in the real app: a real X server (Xvfb), a window manager (openbox), real keys
+# (xdotool), the real engine on the demo model. Screenshots go to OUT for a person to look at.
+#   apt-get install xvfb openbox xdotool imagemagick     # and Qt's xcb libraries (libxcb-cursor0 ...)
+#   bash scripts/app_session.sh [OUT]
+set -euo pipefail
+OUT=${1:-app-session}
+mkdir -p "$OUT"
+DATA=$(mktemp -d)
+export DISPLAY=:97 MLX_CREPULSE_APP_DIR="$DATA"
+Xvfb :97 -screen 0 1280x860x24 >/dev/null 2>&1 & XVFB=$!
+trap 'kill $XVFB 2>/dev/null; rm -rf "$DATA"' EXIT
+sleep 1
+openbox >/dev/null 2>&1 &
+sleep 1
+shot() { sleep "${2:-1}"; import -window root "$OUT/$1.png"; echo "$OUT/$1.png"; }
+start() { python -m desktop >"$OUT/app.log" 2>&1 & sleep 7; xdotool windowactivate --sync "$(xdotool search --name '^mlx-crepulse$' | head -1)"; }
+
+start
+xdotool key ctrl+a; xdotool type --delay 20 "a red circle"; xdotool key ctrl+Return
+shot 1-batch 12
+xdotool key s Right s                       # star two: the keys go to the grid, not the prompt
+shot 2-starred
+xdotool key Return; shot 3-full-view 2; xdotool key Escape
+xdotool key Return; shot 4-full-view-again 2; xdotool key Escape
+xdotool key c Left c; shot 5-compare 2; xdotool key Escape
+xdotool key ctrl+1; shot 6-vary-subtly 14
+xdotool key ctrl+b; shot 7-blend-dialog 2; xdotool key Return; shot 8-blend-row 25
+xdotool key ctrl+e; shot 9-explore 14
+xdotool key ctrl+0; shot 10-diversity-off 14
+xdotool key ctrl+Tab; shot 11-history 2
+xdotool key ctrl+q; sleep 2
+start; shot 12-relaunched 1                 # stars and history survive the restart
+xdotool key ctrl+q
