@@ -7,7 +7,7 @@ from typing import Optional
 from PySide6.QtCore import QEvent, Qt, Signal
 from PySide6.QtGui import QKeySequence
 from PySide6.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout, QHBoxLayout,
-                               QLabel, QLineEdit,
+                               QLabel, QLineEdit, QListWidget, QListWidgetItem,
                                QPlainTextEdit, QPushButton, QSizePolicy, QSlider, QSpinBox, QToolButton,
                                QVBoxLayout, QWidget)
 
@@ -155,10 +155,61 @@ class Form(QWidget):
         adv.addRow("Steps", self.steps)
         adv.addRow("Shape", self.aspect)
         adv.addRow("Size", self._size_row())
+        adv.addRow("LoRAs", self._make_loras())
         adv.addRow("Seed", self._seed_row())
         adv.addRow(self.low_memory)
         self.advanced.setVisible(False)
         self.advanced_button.toggled.connect(self._fold)
+
+    def _make_loras(self) -> QWidget:
+        """A list of LoRAs, each with its scale: a .safetensors file or a Hub file (owner/name:file)."""
+        box = QWidget()
+        lay = QVBoxLayout(box)
+        lay.setContentsMargins(0, 0, 0, 0)
+        self.lora_list = QListWidget()
+        self.lora_list.setMaximumHeight(72)
+        self.lora_ref = QLineEdit()
+        self.lora_ref.setPlaceholderText("owner/name:file.safetensors, or Add for a file")
+        self.lora_scale = QDoubleSpinBox()
+        self.lora_scale.setRange(-4, 4)
+        self.lora_scale.setSingleStep(0.05)
+        self.lora_scale.setValue(1.0)
+        self.lora_scale.setToolTip("The selected LoRA's scale (0 is as if it were not there)")
+        add, remove = QPushButton("Add\u2026"), QPushButton("Remove")
+        add.clicked.connect(self._add_lora)
+        remove.clicked.connect(lambda: self.lora_list.takeItem(self.lora_list.currentRow()))
+        self.lora_list.currentItemChanged.connect(
+            lambda item, _: item is not None and self.lora_scale.setValue(item.data(Qt.ItemDataRole.UserRole)[1]))
+        self.lora_scale.valueChanged.connect(self._lora_scale_changed)
+        row = QHBoxLayout()
+        for w in (self.lora_ref, add, self.lora_scale, remove):
+            row.addWidget(w, 1 if w is self.lora_ref else 0)
+        lay.addWidget(self.lora_list)
+        lay.addLayout(row)
+        return box
+
+    def _add_lora(self, path: Optional[str] = None, scale: float = 1.0):
+        ref = path or self.lora_ref.text().strip() or QFileDialog.getOpenFileName(
+            self, "A LoRA", "", "LoRA (*.safetensors)")[0]
+        if ref:
+            hub = not Path(ref).expanduser().exists() and ":" in ref  # owner/name:file.safetensors
+            item = QListWidgetItem(f"{ref if hub else Path(ref).name}  \u00d7{scale:g}")
+            item.setData(Qt.ItemDataRole.UserRole, (ref, float(scale)))
+            item.setToolTip(ref)
+            self.lora_list.addItem(item)
+            self.lora_list.setCurrentItem(item)
+            self.lora_ref.clear()
+
+    def _lora_scale_changed(self, value):
+        item = self.lora_list.currentItem()
+        if item is not None:
+            ref = item.data(Qt.ItemDataRole.UserRole)[0]
+            item.setData(Qt.ItemDataRole.UserRole, (ref, float(value)))
+            item.setText(item.text().rsplit("\u00d7", 1)[0] + f"\u00d7{value:g}")
+
+    def loras(self) -> list:
+        """The LoRAs to apply: (file or Hub reference, scale), in the list's order."""
+        return [tuple(self.lora_list.item(i).data(Qt.ItemDataRole.UserRole)) for i in range(self.lora_list.count())]
 
     def _size_row(self):
         size = QHBoxLayout()
@@ -306,6 +357,10 @@ class Form(QWidget):
             value = recipe.get(key) or 0
             spin.setValue(0 if defaults is None or value == defaults.get(key) else value)
         self.negative.setText(recipe.get("negative_prompt") or "")
+        self.lora_list.clear()
+        for l in recipe.get("loras") or []:
+            if isinstance(l, dict) and l.get("source"):
+                self._add_lora(l["source"], l.get("scale", 1.0))
         self.seed.setValue(-1)
         app = recipe.get("app", {})
         if "diversity" in app:
@@ -360,6 +415,7 @@ class Form(QWidget):
         s.setValue("form/advanced", self.advanced_button.isChecked())
         s.setValue("form/low_memory", self.low_memory.isChecked())
         s.setValue("form/negative", self.negative.text())
+        s.setValue("form/loras", [f"{scale}|{ref}" for ref, scale in self.loras()])
         s.setValue("form/guidance", self.guidance.value())
         s.setValue("form/true_cfg", self.true_cfg.value())
         s.setValue("form/prompt", self.prompt.toPlainText())
@@ -395,6 +451,13 @@ class Form(QWidget):
         self.advanced_button.setChecked(get("form/advanced", False, bool))
         self.low_memory.setChecked(get("form/low_memory", False, bool))
         self.negative.setText(str(s.value("form/negative", "") or ""))
+        loras = s.value("form/loras", []) or []
+        for entry in [loras] if isinstance(loras, str) else loras:
+            scale, _, ref = str(entry).partition("|")
+            try:
+                self._add_lora(ref, float(scale))
+            except ValueError:
+                continue
         self.guidance.setValue(get("form/guidance", 0.0, float))
         self.true_cfg.setValue(get("form/true_cfg", 0.0, float))
         self.prompt.setPlainText(str(s.value("form/prompt", "") or ""))

@@ -51,12 +51,12 @@ new_seed = random_seed
 
 def from_recipe(recipe: dict, n: int, seed: int, diversity=None, method=None, blend=None, strength=None,
                 width=None, height=None, low_memory=False, **job) -> Job:
-    """A job with a stored batch's model and generation settings (prompt, steps, size, guidance...),
-    its own seeds, diversity and blend, and the job's inputs and notes (`job`: Job fields)."""
+    """A job with a stored batch's model, generation settings (prompt, steps, size, guidance...) and
+    LoRAs, its own seeds, diversity and blend, and the job's inputs and notes (`job`: Job fields)."""
     settings = {k: recipe.get(k) for k in SETTINGS}
     settings.update({k: v for k, v in (("width", width), ("height", height)) if v is not None})
-    return Job(Recipe(**settings, n=n, seed=seed, diversity=diversity, method=method, blend=blend, strength=strength),
-               low_memory=low_memory, **job)
+    new = Recipe(**settings, n=n, seed=seed, diversity=diversity, method=method, blend=blend, strength=strength)
+    return Job(new, low_memory=low_memory, loras=list(recipe.get("loras") or []), **job)
 
 
 def noise_of(history, image):
@@ -178,7 +178,8 @@ def rerun(history, batch, low_memory=False) -> Job:
     labels = [im.label for im in batch.images] if any(im.label for im in batch.images) else None
     # a blend's or a variation's favourites, recorded again from their own batches
     sources = blend_sources(history, batch.note["a"], batch.note["b"]) if stored.get("blend") else None
-    return Job(Recipe.from_dict(stored), kind="rerun", low_memory=low_memory, reference=inputs.get("reference"),
+    recipe = Recipe.from_dict(stored)
+    return Job(recipe, kind="rerun", low_memory=low_memory, reference=inputs.get("reference"), loras=list(recipe.loras),
                sources=sources, noise=list(latents) if latents is not None else None, image=inputs.get("image"),
                parent_image=batch.note.get("parent_image"), labels=labels, note=dict(of_batch=batch.id))
 

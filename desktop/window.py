@@ -324,7 +324,7 @@ class MainWindow(QMainWindow):
             self.banner.show_message(str(e), "warn")
             return False
         self.form.save()
-        return self.start(Job(recipe, low_memory=self.form.low_memory.isChecked()))
+        return self.start(Job(recipe, low_memory=self.form.low_memory.isChecked(), loras=self.form.loras()))
 
     def start(self, job: Job) -> bool:
         """Check the model (on disk? enough memory?) and hand the job to the engine thread."""

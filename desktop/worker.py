@@ -57,6 +57,7 @@ class Job:
     parent_image: Optional[int] = None
     labels: Optional[list] = None
     note: dict = field(default_factory=dict)
+    loras: list = field(default_factory=list)  # (file or Hub reference, scale), or a recipe's recorded LoRAs
 
     @property
     def source(self) -> str:
@@ -182,7 +183,12 @@ class _Runner(QObject):
         self.finished.emit(batch_id)
 
     def _recipe(self, pipe, job: Job) -> Recipe:
-        """The job's recipe resolved for the model, with its reference set and its blend's recordings."""
+        """The job's recipe resolved for the model (with the job's LoRAs applied), with its reference set
+        and its blend's recordings."""
+        wanted = [(l["source"], l["scale"]) if isinstance(l, dict) else tuple(l) for l in job.loras]
+        if wanted != [(l["source"], l["scale"]) for l in pipe.loras]:
+            self.status.emit("applying LoRAs ..." if wanted else "removing LoRAs ...")
+            pipe.set_loras(job.loras)
         recipe = pipe.resolve(job.recipe)
         if job.reference is not None:  # push away from images seen already, at the job's diversity
             method = recipe.method if isinstance(recipe.method, Repulsion) else pipe.defaults.repulsion(0.0)

@@ -32,8 +32,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from . import memory, metadata, weights
-from .cli_args import DEFAULT_OUTPUT, UsageError, generation_parser, recipe_from_args
+from . import lora, memory, metadata, weights
+from .cli_args import DEFAULT_OUTPUT, UsageError, generation_parser, loras_from_args, recipe_from_args
 from .cli_output import _Bar, _Interrupt, _Paths, err
 from .model_folder import ModelFolder
 from .pipeline import Cancelled, NotFinite, Pipeline
@@ -94,6 +94,7 @@ def _generate(args, stdout) -> int:
     if args.all and not args.from_file:
         raise UsageError("--all goes with --from FILE.png")
     recipe = recipe_from_args(args, base)
+    loras = lora.read_all(loras_from_args(args, base))  # every LoRA file read and checked before the weights
     output = Path(args.output or DEFAULT_OUTPUT)
     check_writable(output)
     files = ModelFolder.open(recipe.model, progress=not args.quiet)
@@ -115,6 +116,8 @@ def _generate(args, stdout) -> int:
     started = time.perf_counter()
     with _Interrupt() as stop:
         pipe = Pipeline.load(files, quantize=recipe.quantize, low_memory=args.low_memory)
+        if loras:
+            pipe.set_loras(loras)
         written, images, interrupted = _run_batches(pipe, resolved, batches, wanted, output, stdout, args.quiet, stop)
     if len(images) > 1 and not args.no_sheet:
         sheet = dict(resolved.to_dict(), index=None, image_seed=None)

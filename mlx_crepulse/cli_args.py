@@ -73,6 +73,8 @@ def generation_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="with --from: write the whole batch, not only that image")
     p.add_argument("--no-sheet", action="store_true", help="do not write the contact sheet")
     p.add_argument("--low-memory", action="store_true", help="free the text encoders between prompts")
+    p.add_argument("--lora", action="append", metavar="PATH[:SCALE]", help="a LoRA (a .safetensors file or a Hub "
+                   "file owner/name:file.safetensors) at a scale (1); repeat for several")
     p.add_argument("--force", action="store_true", help="run even when the memory estimate says it will not fit")
     p.add_argument("--quiet", action="store_true", help="nothing on stderr but errors")
     p.add_argument("--version", action="version", version=f"mlx-crepulse {__version__}")
@@ -102,6 +104,21 @@ def recipe_from_args(args, base: Optional[Recipe] = None) -> Recipe:
         raise UsageError('give a prompt, e.g. mlx-crepulse "a red fox in the snow" (see --help)')
     return Recipe(**{"n": DEFAULT_N, **given}, method=method,
                   diversity=DEFAULT_DIVERSITY if args.diversity is None else args.diversity)
+
+
+def loras_from_args(args, base: Optional[Recipe] = None) -> list:
+    """The LoRAs to apply: --lora's (reference, scale) pairs, else a --from recipe's recorded ones (their
+    files checked against the recorded SHA-256 before any work)."""
+    from . import lora
+    if args.lora:
+        try:
+            return [lora.parse_arg(text) for text in args.lora]
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    if base is not None and base.loras:
+        lora.verify(list(base.loras))
+        return list(base.loras)
+    return []
 
 
 def _method_from_args(args):

@@ -86,6 +86,11 @@ def a1111_parameters(recipe: dict) -> str:
     fields += [("Batch size", recipe.get("n"))]
     if recipe.get("index") is not None:
         fields.append(("Batch pos", recipe["index"]))
+    loras = recipe.get("loras") or []
+    if isinstance(loras, list) and loras:  # A1111's own way of naming LoRAs is in the prompt; Forge lists them so
+        fields.append(("Lora hashes", ", ".join(f"{l.get('file')}: {str(l.get('sha256'))[:12]}" for l in loras
+                                                if isinstance(l, dict))))
+        fields.append(("LoRAs", ", ".join(f"{l.get('file')} x{l.get('scale')}" for l in loras if isinstance(l, dict))))
     fields += [("Batch seed", recipe.get("seed")), ("Diversity", describe_method(recipe.get("method"))),
                ("Version", f"mlx-crepulse {recipe.get('version')}")]
     lines.append(", ".join(f"{k}: {_quote(v)}" for k, v in fields if v is not None))

@@ -120,7 +120,8 @@ class Recipe:
         """The settings that fix what happens inside the transformer at each step: what the batches
         a blend mixes must share."""
         return {k: getattr(self, k) for k in ("prompt", "steps", "guidance", "width", "height",
-                                              "max_sequence_length", "true_cfg", "negative_prompt", "strength")}
+                                              "max_sequence_length", "true_cfg", "negative_prompt", "strength",
+                                              "loras")}
 
     # --- files -------------------------------------------------------------------------------------------
 

@@ -538,3 +538,25 @@ def test_menus_toolbar_twin_and_blend_row(qtbot, make_window):
     assert dlg.alphas == list(ROW) and len(ROW) == 7
     dlg.row.setChecked(False)
     assert dlg.alphas == [dlg.alpha]
+
+
+def test_loras_from_the_form_are_applied_and_recorded(qtbot, make_window, tmp_path, model_source):
+    """A LoRA added in the form (a file, scale 0.5) is applied to the batch and recorded in its recipe
+    (file, scale, SHA-256); Run again applies it again and makes the same images; a batch without it
+    differs."""
+    from tests import lora_files
+    from mlx_crepulse import weights
+
+    folder = weights.DEMO_DIR if model_source == "demo" else Path(model_source)
+    path = lora_files.make(folder, tmp_path / "style.safetensors", seed=21, text_encoder=False, std=0.3)
+    w = make_window(n=2, steps=2)
+    w.form._add_lora(str(path), 0.5)
+    with_lora = generate(qtbot, w, prompt="a red circle", seed=9)
+    (rec,) = w.history.batch(with_lora).recipe["loras"]
+    assert rec["file"] == "style.safetensors" and rec["scale"] == 0.5
+    again = run(qtbot, w, lambda: w.run_again(w.history.batch(with_lora)))
+    w.form.lora_list.clear()
+    plain = generate(qtbot, w, prompt="a red circle", seed=9)
+    a, b, c = (w.history.batch(i).images[0].path for i in (with_lora, again, plain))
+    assert np.abs(pixels(a) - pixels(b)).max() <= 1 and np.abs(pixels(a) - pixels(c)).max() > 1
+    assert w.history.batch(plain).recipe["loras"] == []

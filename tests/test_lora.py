@@ -382,3 +382,40 @@ def test_wrapped_layer_on_a_bf16_base(bits):
     got = wrapped(x)
     assert got.dtype == mx.bfloat16 and mx.allclose(got.astype(mx.float32), want, rtol=1e-2, atol=2e-2).item()
     assert all(wrapped[k] is layer[k] for k in layer) and set(wrapped) == set(layer)
+
+
+def test_cli_lora_recorded_rerun_and_refused_when_changed(schnell_dir, tmp_path):
+    """`--lora FILE:0.5` applies the LoRA and records it (file, scale, SHA-256) in each PNG; `info` names
+    it; `--from` re-runs the image bit for bit with it; once the file changes, `--from` exits 2 with one
+    line saying so, before any work, and writes nothing."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from mlx_crepulse import metadata
+
+    path = lora_files.make(schnell_dir, tmp_path / "style.safetensors", seed=11, text_encoder=False)
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "mlx_crepulse", *map(str, args), "--quiet"], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=300)
+
+    made = cli("a red fox", "--model", schnell_dir, "-n", "2", "--steps", "2", "--seed", "3", "--no-sheet",
+               "--lora", f"{path}:0.5")
+    assert made.returncode == 0, made.stderr
+    image = made.stdout.split()[1]
+    (recorded,) = metadata.read_png(tmp_path / image)["loras"]
+    assert recorded["file"] == "style.safetensors" and recorded["scale"] == 0.5 and len(recorded["sha256"]) == 64
+    shown = subprocess.run([sys.executable, "-m", "mlx_crepulse", "info", image], cwd=tmp_path, capture_output=True,
+                           text=True, timeout=120)
+    assert "LoRAs: style.safetensors x0.5" in shown.stdout, shown.stderr
+    plain = cli("a red fox", "--model", schnell_dir, "-n", "2", "--steps", "2", "--seed", "3", "--no-sheet", "-o", "plain")
+    again = cli("--from", image, "-o", "again")
+    assert again.returncode == 0, again.stderr
+    pixels = [np.asarray(Image.open(tmp_path / p)) for p in (image, again.stdout.strip(), plain.stdout.split()[1])]
+    assert np.array_equal(pixels[0], pixels[1]) and not np.array_equal(pixels[0], pixels[2])
+    lora_files.make(schnell_dir, path, seed=12, text_encoder=False)  # the file changes under the recipe
+    changed = cli("--from", image, "-o", "changed")
+    assert changed.returncode == 2 and changed.stderr.count("\n") == 1 and "has changed since it was recorded" in changed.stderr
+    assert not (tmp_path / "changed").exists()
