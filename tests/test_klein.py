@@ -399,3 +399,41 @@ def test_cli_makes_and_remakes_a_klein_batch(distilled_dir, tmp_path):
     assert len(made) == 2 and len(again) == 1
     pixels = [np.asarray(Image.open(tmp_path / p)) for p in (made[1], again[0])]
     assert np.array_equal(*pixels)
+
+
+def klein_lora(folder, out, seed=0, std=0.1):
+    """A random LoRA on every Linear of a [klein] transformer, made by peft and saved by diffusers'
+    Flux2KleinPipeline.save_lora_weights (the diffusers/PEFT format [klein] LoRAs come in)."""
+    from diffusers import Flux2Transformer2DModel
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    torch.manual_seed(seed)
+    tf = Flux2Transformer2DModel.from_pretrained(folder / "transformer")
+    targets = [n for n, m in tf.named_modules() if isinstance(m, torch.nn.Linear)]
+    tf.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False))
+    with torch.no_grad():
+        for n, p in tf.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn_like(p) * std)
+    Flux2KleinPipeline.save_lora_weights(out.parent, weight_name=out.name,
+                                         transformer_lora_layers=get_peft_model_state_dict(tf))
+    return out
+
+
+@pytest.mark.parametrize("scale", [0.5, 1.0])
+def test_klein_lora_matches_diffusers(distilled_dir, tmp_path, scale):
+    """A [klein] LoRA (peft-made, saved by diffusers) at scales 0.5 and 1: our images equal
+    Flux2KleinPipeline with load_lora_weights from the same latents within 2e-3, and the LoRA acted."""
+    path = klein_lora(distilled_dir, tmp_path / "k.safetensors", seed=3)
+    L = latents(seed=4)
+    ours = Pipeline.from_pretrained(str(distilled_dir), loras=[(str(path), scale)])
+    got = ours.generate(PROMPT, n=2, latents=L, output_type="np", steps=4).images
+    ref = tiny_klein.reference(distilled_dir)  # a fresh one: the cached reference stays without the LoRA
+    ref.load_lora_weights(str(path), adapter_name="k")
+    ref.set_adapters(["k"], [scale])
+    want = ref(prompt=PROMPT, latents=to_torch(L), num_inference_steps=4, guidance_scale=1.0, height=tiny_klein.SIZE,
+               width=tiny_klein.SIZE, max_sequence_length=tiny_klein.SEQ, text_encoder_out_layers=tiny_klein.LAYERS,
+               output_type="np", num_images_per_prompt=2).images
+    np.testing.assert_allclose(got, want, atol=2e-3, rtol=0)
+    assert np.abs(got - diffusers_images(distilled_dir, L)).max() > 1e-2
