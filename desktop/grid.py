@@ -152,6 +152,9 @@ class Tile(QWidget):
         self.update()
 
     def mousePressEvent(self, event):
+        if event.button() == Qt.MouseButton.RightButton:  # select, then the grid's menu acts on this image
+            self.clicked.emit(self)
+            return
         if event.button() != Qt.MouseButton.LeftButton:
             return
         pos = event.position().toPoint()

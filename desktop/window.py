@@ -6,6 +6,7 @@ the full view; C pins an image for comparison (press again on another to compare
 vary subtly / strongly, Ctrl+E explores new directions, Ctrl+B blends, Ctrl+U upscales.
 """
 
+import html
 from typing import Optional
 
 from PySide6.QtCore import QByteArray, QSettings, Qt, Signal
@@ -131,6 +132,8 @@ class MainWindow(QMainWindow):
         self.info = QLabel()
         self.info.setObjectName("batchInfo")
         self.info.setWordWrap(True)
+        self.info.setTextFormat(Qt.TextFormat.RichText)
+        self.info.linkActivated.connect(self._follow)  # the lineage: a batch's parent and children
         batch_page = QWidget()
         bl = QVBoxLayout(batch_page)
         bl.setContentsMargins(12, 10, 12, 0)
@@ -140,24 +143,12 @@ class MainWindow(QMainWindow):
         self.history_view = HistoryView(self.history)
         self.tabs = QTabWidget()
         self.tabs.setDocumentMode(True)
+        self.favourites = Grid(tile=160, max_tile=320)  # every starred image, newest batch first
         self.tabs.addTab(batch_page, "Batch")
         self.tabs.addTab(self.history_view, "History")
+        self.tabs.addTab(self.favourites, "Favourites")
 
-        # progress row
-        self.progress = QProgressBar()
-        self.progress.setTextVisible(False)
-        self.progress.setFixedHeight(10)
-        self.progress_label = QLabel("Ready")
-        self.progress_label.setMinimumWidth(260)
-        self.cancel_btn = QPushButton("Cancel")
-        self.cancel_btn.setToolTip("Stop after the current step (Esc)")
-        self.cancel_btn.setEnabled(False)
-        self.cancel_btn.clicked.connect(self.cancel)
-        prow = QHBoxLayout()
-        prow.setContentsMargins(12, 6, 12, 8)
-        prow.addWidget(self.progress_label)
-        prow.addWidget(self.progress, 1)
-        prow.addWidget(self.cancel_btn)
+        prow = self._progress_row()
 
         centre = QWidget()
         cl = QVBoxLayout(centre)
@@ -178,6 +169,25 @@ class MainWindow(QMainWindow):
         self.setCentralWidget(split)
         self._make_actions()
 
+    def _progress_row(self) -> QHBoxLayout:
+        """The label, the bar and Cancel under the images."""
+        self.progress = QProgressBar()
+        self.progress.setTextVisible(False)
+        self.progress.setFixedHeight(10)
+        self.progress_label = QLabel("Ready")
+        self.progress_label.setMinimumWidth(260)
+        self.cancel_btn = QPushButton("Cancel")
+        self.cancel_btn.setToolTip("Stop after the current step (Esc)")
+        self.cancel_btn.setEnabled(False)
+        self.cancel_btn.clicked.connect(self.cancel)
+        prow = QHBoxLayout()
+        prow.setContentsMargins(12, 6, 12, 8)
+        prow.addWidget(self.progress_label)
+        prow.addWidget(self.progress, 1)
+        prow.addWidget(self.cancel_btn)
+
+        return prow
+
     def _wire(self):
         self.form.generate_requested.connect(self.generate)
         self.form.model_changed.connect(self.update_model_state)
@@ -185,6 +195,9 @@ class MainWindow(QMainWindow):
         self.grid.selection_changed.connect(lambda _: self._update_actions())
         self.grid.star_toggled.connect(self._star_from_grid)
         self.grid.opened.connect(lambda i: self.open_viewer(self.grid.items(), i))
+        self.favourites.selection_changed.connect(lambda _: self._update_actions())
+        self.favourites.star_toggled.connect(self._star_from_grid)
+        self.favourites.opened.connect(lambda i: self.open_viewer(self.favourites.items(), i))
         self.history_view.selection_changed.connect(lambda _: self._update_actions())
         self.history_view.star_toggled.connect(lambda i, s: self.grid.set_starred(i, s))
         self.history_view.opened.connect(self.open_viewer)
@@ -264,6 +277,11 @@ class MainWindow(QMainWindow):
         act("star", "Star", "Star or un-star the selected image (S)", None, self.toggle_star, "&View")
         act("compare", "Compare", "Pin the selected image, then compare it with another (C)", "C", self.compare_step,
             "&View")
+        image_actions = [self.actions_[k] for k in ("view", "star", "compare", "subtle", "strong", "explore", "blend",
+                                                     "upscale", "twin")]
+        for grid in (self.grid, self.history_view.grid, self.favourites):  # right-click: the same actions
+            grid.setContextMenuPolicy(Qt.ContextMenuPolicy.ActionsContextMenu)
+            grid.addActions(image_actions)
         about = act("about", "About mlx-crepulse", "What this is", None, self._about, "&Help", False)
         about.setMenuRole(QAction.MenuRole.AboutRole)
         QShortcut(QKeySequence("Ctrl+Enter"), self, self.generate, context=Qt.ShortcutContext.WindowShortcut)
@@ -288,11 +306,16 @@ class MainWindow(QMainWindow):
     def _tab_changed(self, index):
         if index == 1:
             self.history_view.refresh()  # star counts and new batches
+        elif index == 2:
+            self.favourites.set_images(self.history.starred())
         self._update_actions()
 
+    def _grid(self):
+        """The grid of the tab on screen: the batch, the history's batch, or the favourites."""
+        return (self.grid, self.history_view.grid, self.favourites)[self.tabs.currentIndex()]
+
     def selected_image(self):
-        grid = self.grid if self.tabs.currentIndex() == 0 else self.history_view.grid
-        return grid.current_item()
+        return self._grid().current_item()
 
     def _update_actions(self):
         im = self.selected_image()
@@ -524,16 +547,29 @@ class MainWindow(QMainWindow):
         origin = ""
         parent = self.history.image(b.parent_image) if b.parent_image else None
         if parent is not None:
-            origin = f" from image {parent.index + 1} of batch {parent.batch_id}"
+            origin = f' from <a href="image:{parent.id}">image {parent.index + 1} of batch {parent.batch_id}</a>'
             if b.kind == "blend" and b.note.get("b"):
                 other = self.history.image(b.note["b"])
                 if other is not None:
-                    origin += f" and image {other.index + 1} of batch {other.batch_id}"
-        text = summary(b.recipe)
+                    origin += f' and <a href="image:{other.id}">image {other.index + 1} of batch {other.batch_id}</a>'
+        text = html.escape(summary(b.recipe))
         kind_text = text.split(" \u00b7 ")[0]
-        self.info.setText(f"batch {b.id}: {kind_text}{origin}{text[len(kind_text):]}")
+        children = [c for c in self.history.batches(b.prompt) if c.parent_image in {im.id for im in b.images}]
+        made = (" \u00b7 made from it: " + ", ".join(f'<a href="batch:{c.id}">batch {c.id}</a>' for c in children)
+                if children else "")
+        self.info.setText(f"batch {b.id}: {kind_text}{origin}{text[len(kind_text):]}{made}")
         self.grid.set_images(b.images)
         self._update_actions()
+
+    def _follow(self, link: str):
+        """A lineage link: "image:ID" shows that image's batch with it selected, "batch:ID" that batch."""
+        kind, _, ident = link.partition(":")
+        image = self.history.image(int(ident)) if kind == "image" else None
+        batch_id = image.batch_id if image is not None else int(ident)
+        self.tabs.setCurrentIndex(0)
+        self.show_batch(batch_id)
+        if image is not None:
+            self.grid.select(image.index)
 
     def _deleted(self, batch_id):
         if self.batch is not None and self.batch.id == batch_id:
@@ -555,12 +591,12 @@ class MainWindow(QMainWindow):
         self.grid.clear()
 
     def toggle_star(self):
-        grid = self.grid if self.tabs.currentIndex() == 0 else self.history_view.grid
-        grid.toggle_star()
+        self._grid().toggle_star()
 
     def _star_from_grid(self, image_id, starred):
         self.history.set_starred(image_id, starred)
         self.history_view.set_starred(image_id, starred)
+        self.grid.set_starred(image_id, starred)
         self._update_actions()
 
     def _star_from_viewer(self, image_id, starred):
@@ -569,7 +605,7 @@ class MainWindow(QMainWindow):
         self._update_actions()
 
     def view_selected(self):
-        grid = self.grid if self.tabs.currentIndex() == 0 else self.history_view.grid
+        grid = self._grid()
         if grid.current_item() is not None:
             self.open_viewer(grid.items(), grid.current)
 

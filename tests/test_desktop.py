@@ -526,7 +526,7 @@ def test_menus_toolbar_twin_and_blend_row(qtbot, make_window):
     w = make_window(n=2, steps=2)
     w.resize(1000, 700)
     assert w.tabs.cornerWidget(Qt.Corner.TopRightCorner) is None
-    assert [w.tabs.tabText(i) for i in range(w.tabs.count())] == ["Batch", "History"]
+    assert [w.tabs.tabText(i) for i in range(w.tabs.count())] == ["Batch", "History", "Favourites"]
     menu_actions = {a.text() for m in w.menuBar().actions() for a in m.menu().actions()}
     assert {"Generate", "Vary subtly", "Blend\u2026", "Diversity off", "Compare", "Quit"} <= menu_actions
     first = generate(qtbot, w, seed=4)
@@ -560,3 +560,26 @@ def test_loras_from_the_form_are_applied_and_recorded(qtbot, make_window, tmp_pa
     a, b, c = (w.history.batch(i).images[0].path for i in (with_lora, again, plain))
     assert np.abs(pixels(a) - pixels(b)).max() <= 1 and np.abs(pixels(a) - pixels(c)).max() > 1
     assert w.history.batch(plain).recipe["loras"] == []
+
+
+def test_lineage_favourites_and_right_click(qtbot, make_window):
+    """A variation's header links to its parent image and the parent batch's header links back to the
+    variation batch (following a link shows that batch, the image selected); the Favourites tab shows
+    every starred image; right-clicking a tile selects it and offers the image actions."""
+    w = make_window(n=2, steps=2)
+    parent = generate(qtbot, w, seed=6)
+    w.grid.select(1)
+    w.grid.toggle_star()
+    child = run(qtbot, w, lambda: w.vary(refine.STRONG))
+    assert f'href="image:{w.history.batch(parent).images[1].id}"' in w.info.text()
+    w._follow(f"image:{w.history.batch(parent).images[1].id}")
+    assert w.batch.id == parent and w.grid.current == 1 and f'href="batch:{child}"' in w.info.text()
+    w._follow(f"batch:{child}")
+    assert w.batch.id == child
+    w.tabs.setCurrentIndex(2)
+    assert [im.id for im in w.favourites.items()] == [w.history.batch(parent).images[1].id]
+    assert w.selected_image().id == w.history.batch(parent).images[1].id
+    w.tabs.setCurrentIndex(0)
+    qtbot.mouseClick(w.grid.tiles[1], Qt.MouseButton.RightButton)
+    assert w.grid.current == 1
+    assert {"Vary subtly", "Blend\u2026", "Diversity off"} <= {a.text() for a in w.grid.actions()}
