@@ -583,3 +583,16 @@ def test_lineage_favourites_and_right_click(qtbot, make_window):
     qtbot.mouseClick(w.grid.tiles[1], Qt.MouseButton.RightButton)
     assert w.grid.current == 1
     assert {"Vary subtly", "Blend\u2026", "Diversity off"} <= {a.text() for a in w.grid.actions()}
+
+
+def test_thirty_batches_keep_none_alive(qtbot, make_window):
+    """Thirty batches in one run of the app (generate, previews, grid, history) lose no reference to None:
+    with PySide6 6.12.0 on Python 3.11 the count fell by about 900 a batch until None was freed and the app
+    aborted. (It may rise: new batches' recipes and widgets hold Nones of their own.)"""
+    w = make_window(n=2, steps=1)
+    generate(qtbot, w, seed=0)  # warm: the first batch fills caches
+    before = sys.getrefcount(None)
+    for k in range(1, 31):
+        generate(qtbot, w, prompt="a red circle", seed=k)
+    change = sys.getrefcount(None) - before
+    assert sys.version_info >= (3, 12) or change > -100, change  # 3.12+: None is immortal
