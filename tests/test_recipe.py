@@ -41,30 +41,47 @@ def pixels(path) -> np.ndarray:
 # re-run in a child process that keeps MLX's bundled BLAS.
 BUNDLED = dict(os.environ, MLX_CREPULSE_BLAS="bundled")
 RERUN = """
-import sys, numpy as np
+import hashlib, sys, numpy as np
 from PIL import Image
 from mlx_crepulse import Pipeline, Recipe, blas, metadata
 assert blas.LOADED == "bundled"
 pipe = Pipeline.from_pretrained("demo")
+probe = np.asarray(pipe.generate(Recipe("a red circle", n=2, seed=0, steps=1), output_type="np").images, np.float32)
+print("fingerprint", hashlib.sha256(probe.tobytes()).hexdigest())
 for path in sys.argv[1:]:
     stored = metadata.read_png(path)
     assert "schema" not in stored and "repulsion" in stored  # really the 0.1 schema
-    out = pipe.generate(Recipe.from_dict(stored))
-    same = np.array_equal(np.asarray(out.images[stored["index"]]), np.asarray(Image.open(path).convert("RGB")))
-    print(path, same)
+    out = np.asarray(pipe.generate(Recipe.from_dict(stored)).images[stored["index"]], np.int16)
+    print(path, int(np.abs(out - np.asarray(Image.open(path).convert("RGB"), np.int16)).max()))
 """
+FINGERPRINT = (FIXTURES / "fingerprint.txt").read_text().strip()  # the fixtures' machine: demo, one step, hashed
 
 
-@pytest.mark.skipif("openblas" in os.environ.get("LD_PRELOAD", ""), reason="OpenBLAS is preloaded into every process")
-def test_pngs_of_version_0_1_rerun_bit_for_bit():
-    """Every 0.1.0 PNG's recipe (schema 1: `repulsion` by class name, `steps` for repelled steps)
-    migrates, and the batch it describes comes out with the very same pixels."""
+PRELOADED = pytest.mark.skipif("openblas" in os.environ.get("LD_PRELOAD", ""),
+                               reason="OpenBLAS is preloaded into every process")
+
+
+@pytest.fixture(scope="module")
+def rerun():
+    """The fixtures re-run in a child process with the bundled BLAS: ({path: max pixel difference},
+    whether this machine computes as the fixtures' did)."""
     paths = [str(p) for p in PNGS if "sheet" not in p.name]
     proc = subprocess.run([sys.executable, "-c", RERUN, *paths], env=BUNDLED, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    results = dict(line.rsplit(" ", 1) for line in proc.stdout.splitlines())
-    assert results == {p: "True" for p in paths}
+    lines = dict(line.rsplit(" ", 1) for line in proc.stdout.splitlines())
+    return {k: int(v) for k, v in lines.items() if k != "fingerprint"}, lines["fingerprint"] == FINGERPRINT
+
+
+@PRELOADED
+def test_pngs_of_version_0_1_rerun_bit_for_bit(rerun):
+    """Every 0.1.0 PNG's recipe (schema 1: `repulsion` by class name, `steps` for repelled steps)
+    migrates, and the batch it describes comes out with the very same pixels. On a CPU whose float
+    arithmetic differs from the one that made the fixtures (its fingerprint, a hashed one-step batch,
+    differs) rounding may move a pixel level, and only that is allowed there."""
+    differences, same_machine = rerun
+    assert set(differences) == {str(p) for p in PNGS if "sheet" not in p.name}
+    assert all(d <= (0 if same_machine else 2) for d in differences.values()), (same_machine, differences)
 
 
 def test_migration_of_schema_1_names():
@@ -85,15 +102,16 @@ def test_migration_of_schema_1_names():
         Recipe.from_dict(dict(prompt="p", schema=99))
 
 
-@pytest.mark.skipif("openblas" in os.environ.get("LD_PRELOAD", ""), reason="OpenBLAS is preloaded into every process")
-def test_cli_from_a_0_1_png_writes_the_same_pixels(tmp_path):
+@PRELOADED
+def test_cli_from_a_0_1_png_writes_the_same_pixels(tmp_path, rerun):
     """The CLI's `--from` on a 0.1.0 file: the same image, now with a schema-2 recipe."""
     source = next(p for p in PNGS if p.name == "a-red-circle-3-0.png")  # true CFG, listed blocks
     proc = subprocess.run([sys.executable, "-m", "mlx_crepulse", "--from", str(source), "-o", str(tmp_path),
                            "--quiet"], capture_output=True, text=True, timeout=300, env=BUNDLED)
     assert proc.returncode == 0, proc.stderr
     written = Path(proc.stdout.strip())
-    assert np.array_equal(pixels(written), pixels(source))
+    allowed = 0 if rerun[1] else 2  # bit for bit on the fixtures' machine (see above)
+    assert np.abs(pixels(written).astype(int) - pixels(source)).max() <= allowed
     assert metadata.read_png(written)["schema"] == SCHEMA
 
 
