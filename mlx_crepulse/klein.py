@@ -27,8 +27,7 @@ from .models.autoencoder_flux2 import AutoencoderKLFlux2
 from .models.autoencoder_flux2 import sanitize as vae_sanitize
 from .models.config import ConfigError
 from .models.flux2 import Flux2Params, Flux2Transformer, image_ids, text_ids
-from .pipeline import VAE_TILE, Pipeline, _dtype_of
-from .recipe import Recipe
+from .pipeline import Pipeline
 
 CLASS_NAME = "Flux2KleinPipeline"  # model_index.json's _class_name (model_folder.py reads it)
 COMPONENTS = ("transformer", "text_encoder", "vae", "tokenizer", "scheduler")
@@ -114,16 +113,10 @@ class KleinFolder(ModelFolder):
     def transformer_params(self):
         return Flux2Params.from_config(self.configs["transformer"])
 
-    def token_overflow(self, recipe: Recipe) -> list:
-        """(what, tokens, limit) for the prompt and negative prompt whose templated Qwen3 tokens exceed the
-        recipe's sequence length (the pipeline cuts them, as diffusers does)."""
-        out = []
-        for what, text in (("prompt", recipe.prompt), ("negative prompt", recipe.negative_prompt)):
-            if text:
-                count = self.tokenizer.count(text)
-                if count > recipe.max_sequence_length:
-                    out.append((what, count, recipe.max_sequence_length))
-        return out
+    @property
+    def sequence_tokenizer(self):
+        """Qwen3's, which counts the prompt in its chat template."""
+        return self.tokenizer
 
 
 class KleinPipeline(Pipeline):
@@ -170,10 +163,6 @@ class KleinPipeline(Pipeline):
 
     # --- what FLUX.2 does differently --------------------------------------------------------------
 
-    def token_count(self, prompt: str) -> int:
-        """Qwen3 tokens of the prompt in its chat template, to warn when it exceeds max_sequence_length."""
-        return self.tokenizer.count(prompt)
-
     def _encode(self, prompt: str, max_sequence_length: int):
         """(stacked Qwen3 states (1, L, 3 x hidden), None: FLUX.2 has no pooled vector)."""
         ids, mask = self.tokenizer.ids(prompt, max_sequence_length)
@@ -185,22 +174,12 @@ class KleinPipeline(Pipeline):
     def positions(self, text_tokens: int, rows: int, cols: int) -> tuple:
         return self.transformer.pos_embed(text_ids(text_tokens), image_ids(rows, cols))
 
-    def decode(self, tokens: mx.array, rows: int, cols: int) -> np.ndarray:
-        """Packed latents -> float32 images (n, H, W, 3) in [0, 1], one image at a time."""
-        vae = self.vae
-        out = []
-        for i in range(tokens.shape[0]):
-            z = sampling.unpack(vae.denormalize(tokens[i:i + 1].astype(mx.float32)), rows, cols)
-            z = z.astype(_dtype_of(vae))
-            img = vae.decode_tiled(z, VAE_TILE) if self.low_memory and max(z.shape[1:3]) > VAE_TILE else vae.decode(z)
-            out.append(np.array(mx.clip(img.astype(mx.float32) / 2 + 0.5, 0, 1)))
-        return np.concatenate(out, axis=0)
+    def _to_vae(self, tokens: mx.array, rows: int, cols: int) -> mx.array:
+        """FLUX.2's VAE normalises its latents with batch-norm statistics, in the packed layout."""
+        return sampling.unpack(self.vae.denormalize(tokens.astype(mx.float32)), rows, cols)
 
-    def encode_image(self, images: np.ndarray) -> mx.array:
-        """Float images (n, H, W, 3) in [0, 1] -> packed, normalised latents (the VAE's mean)."""
-        vae = self.vae
-        z = vae.encode(mx.array(images * 2 - 1).astype(_dtype_of(vae)))
-        return vae.normalize(sampling.pack(z.astype(mx.float32)))
+    def _from_vae(self, z: mx.array) -> mx.array:
+        return self.vae.normalize(sampling.pack(z))
 
 
 def _tokenizer(folder: Path) -> ChatTokenizer:

@@ -7,7 +7,7 @@ from there; the CLI and the app use the same object, so they check exactly what 
 """
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -35,6 +35,7 @@ class ModelFolder:
     defaults: Defaults
     vocabulary: Optional[tuple] = None  # the only words a small model knows (crepulse.json), if it says
     example_prompt: Optional[str] = None
+    _weights: dict = field(default_factory=dict, repr=False, compare=False)  # quantize -> weights' bytes
     family = "flux1"  # the model family; klein.KleinFolder's is "flux2-klein"
 
     @classmethod
@@ -96,8 +97,15 @@ class ModelFolder:
         except ValueError as e:
             raise RecipeError(str(e)) from None
         if not force:
-            footprint.check(self.configs, recipe, memory.weights_bytes(self, recipe.quantize),
+            footprint.check(self.configs, recipe, self.weights_bytes(recipe.quantize),
                             scores_materialised=mx.default_device() == mx.cpu)
+
+    def weights_bytes(self, quantize: Optional[int]) -> int:
+        """The weights' bytes once loaded with `quantize`, from the safetensors headers; read once per
+        precision, as every generate checks its batch against them."""
+        if quantize not in self._weights:
+            self._weights[quantize] = memory.weights_bytes(self, quantize)
+        return self._weights[quantize]
 
     @property
     def transformer_params(self):
@@ -111,13 +119,18 @@ class ModelFolder:
         words = re.findall(r"[\w'-]+", prompt.lower())
         return [w for w in dict.fromkeys(words) if w not in self.vocabulary]
 
+    @property
+    def sequence_tokenizer(self) -> Tokenizer:
+        """The tokenizer whose tokens `max_sequence_length` counts: T5's for FLUX.1."""
+        return self.tokenizer_2
+
     def token_overflow(self, recipe: Recipe) -> list:
         """(what, tokens, limit) for the prompt and negative prompt that are longer than the recipe's
         sequence length (the pipeline cuts them, as diffusers does)."""
         out = []
         for what, text in (("prompt", recipe.prompt), ("negative prompt", recipe.negative_prompt)):
             if text:
-                count = self.tokenizer_2.count(text)
+                count = self.sequence_tokenizer.count(text)
                 if count > recipe.max_sequence_length:
                     out.append((what, count, recipe.max_sequence_length))
         return out

@@ -194,8 +194,8 @@ class Pipeline:
         return self.files.size_multiple
 
     def token_count(self, prompt: str) -> int:
-        """T5 tokens in a prompt (without truncation), to warn when it exceeds max_sequence_length."""
-        return self.tokenizer_2.count(prompt)
+        """Tokens of a prompt as `max_sequence_length` counts them (without truncation)."""
+        return self.files.sequence_tokenizer.count(prompt)
 
     # --- the work --------------------------------------------------------------------------------------
 
@@ -227,19 +227,23 @@ class Pipeline:
         vae = self.vae
         out = []
         for i in range(tokens.shape[0]):
-            z = sampling.unpack(tokens[i:i + 1], rows, cols)
-            z = z / vae.scaling_factor + vae.shift_factor
-            z = z.astype(_dtype_of(vae))
+            z = self._to_vae(tokens[i:i + 1], rows, cols).astype(_dtype_of(vae))
             # the low-memory mode decodes in tiles, so the VAE's peak is one tile's, not the image's
             img = vae.decode_tiled(z, VAE_TILE) if self.low_memory and max(z.shape[1:3]) > VAE_TILE else vae.decode(z)
             out.append(np.array(mx.clip(img.astype(mx.float32) / 2 + 0.5, 0, 1)))
         return np.concatenate(out, axis=0)
 
     def encode_image(self, images: np.ndarray) -> mx.array:
-        """Float images (n, H, W, 3) in [0, 1] -> packed, scaled latents (the VAE's mean)."""
-        vae = self.vae
-        z = vae.encode(mx.array(images * 2 - 1).astype(_dtype_of(vae)))
-        return sampling.pack((z.astype(mx.float32) - vae.shift_factor) * vae.scaling_factor)
+        """Float images (n, H, W, 3) in [0, 1] -> packed latents as the sampler sees them (the VAE's mean)."""
+        z = self.vae.encode(mx.array(images * 2 - 1).astype(_dtype_of(self.vae)))
+        return self._from_vae(z.astype(mx.float32))
+
+    def _to_vae(self, tokens: mx.array, rows: int, cols: int) -> mx.array:
+        """The sampler's packed latents -> the VAE's latent image: FLUX.1 scales and shifts them."""
+        return sampling.unpack(tokens, rows, cols) / self.vae.scaling_factor + self.vae.shift_factor
+
+    def _from_vae(self, z: mx.array) -> mx.array:
+        return sampling.pack((z - self.vae.shift_factor) * self.vae.scaling_factor)
 
     def resolve(self, recipe=None, force: bool = False, **settings) -> Recipe:
         """A Recipe (or a prompt, or settings alone) with this model's defaults filled in and checked

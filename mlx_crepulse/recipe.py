@@ -87,7 +87,7 @@ class Recipe:
             max_sequence_length=d.max_sequence_length if self.max_sequence_length is None else self.max_sequence_length,
             model=model if model is not None else self.model,
             quantize=quantize if model is not None else self.quantize)
-        return replace(resolved, method=resolved._method(d), blend=self.blend)
+        return replace(resolved, method=resolved._method(d))
 
     def _method(self, d):
         m, knob = self.method, self.diversity
