@@ -7,14 +7,14 @@ Progress is read from the size of the repo's folder in the Hugging Face cache ag
 the Hub announces for the files a pipeline needs.
 """
 
-import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Optional
 
 from PySide6.QtCore import QObject, QProcess, QTimer, Signal
 
-from mlx_crepulse import hub
+from mlx_crepulse import hub, physical_memory
 
 DEMO = "demo"
 # (source, label); folders are added by the user
@@ -43,10 +43,10 @@ repo_of = hub.repo_id
 
 
 def physical_ram_gb() -> Optional[float]:
-    """Physical memory of this machine (Linux and macOS via sysconf; QSysInfo has no RAM figure)."""
+    """Physical memory of this machine in GB, as the engine's own memory checks read it."""
     try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
-    except (ValueError, OSError, AttributeError):
+        return physical_memory() / 1e9
+    except (ValueError, OSError, AttributeError, subprocess.SubprocessError):
         return None
 
 

@@ -407,12 +407,8 @@ class MainWindow(QMainWindow):
                                          low_memory=self.form.low_memory.isChecked()))
 
     def blend(self, a, b, alphas) -> bool:
-        try:
-            job = refine.blend(self.history, a, b, alphas, low_memory=self.form.low_memory.isChecked())
-        except ValueError as e:
-            self.banner.show_message(str(e))
-            return False
-        return self.start(job)
+        return self._start_made(lambda: refine.blend(self.history, a, b, alphas,
+                                                     low_memory=self.form.low_memory.isChecked()))
 
     def blend_dialog(self):
         a = self.selected_image()
@@ -429,23 +425,20 @@ class MainWindow(QMainWindow):
 
     def upscale(self) -> bool:
         im = self.selected_image()
-        if im is None:
-            return False
-        try:
-            job = refine.upscale(self.history, im, low_memory=self.form.low_memory.isChecked())
-        except ValueError as e:
-            self.banner.show_message(str(e), "info")
-            return False
-        return self.start(job)
+        return im is not None and self._start_made(
+            lambda: refine.upscale(self.history, im, low_memory=self.form.low_memory.isChecked()), "info")
 
     def twin(self) -> bool:
         b = self._context_batch()
-        if b is None:
-            return False
+        return b is not None and self._start_made(
+            lambda: refine.twin(self.history, b, low_memory=self.form.low_memory.isChecked()), "info")
+
+    def _start_made(self, make, level: str = "error") -> bool:
+        """Start the job `make()` builds; a refinement that cannot be made says why in the banner."""
         try:
-            job = refine.twin(self.history, b, low_memory=self.form.low_memory.isChecked())
+            job = make()
         except ValueError as e:
-            self.banner.show_message(str(e), "info")
+            self.banner.show_message(str(e), level)
             return False
         return self.start(job)
 

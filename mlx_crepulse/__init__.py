@@ -3,6 +3,7 @@
 from . import blas  # noqa: F401 - first: on Linux it must run before MLX is imported
 
 from .defaults import Defaults, DefaultsError
+from .footprint import physical_memory
 from .pipeline import Cancelled, NotFinite, Pipeline, Progress, Result
 from .recipe import DEFAULT_DIVERSITY, RANDOM_SEED, Recipe, RecipeError, random_seed
 from .recipe import migrate as migrate_recipe
@@ -13,4 +14,4 @@ from .weights import WeightsError
 
 __all__ = ["Pipeline", "Recipe", "Repulsion", "ParticleGuidance", "CADS", "Blend", "Recording", "Result",
            "Progress", "Defaults", "Cancelled", "NotFinite", "RecipeError", "DefaultsError", "WeightsError", "vendi_score",
-           "signature", "mix_noise", "random_seed", "migrate_recipe", "DEFAULT_DIVERSITY", "RANDOM_SEED", "__version__"]
+           "signature", "mix_noise", "physical_memory", "random_seed", "migrate_recipe", "DEFAULT_DIVERSITY", "RANDOM_SEED", "__version__"]
