@@ -5,9 +5,9 @@ from pathlib import Path
 from typing import Optional
 
 from PySide6.QtCore import QEvent, Qt, Signal
-from PySide6.QtGui import QKeySequence
+from PySide6.QtGui import QKeySequence, QTextCursor
 from PySide6.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout, QHBoxLayout,
-                               QLabel, QLineEdit, QListWidget, QListWidgetItem,
+                               QLabel, QLineEdit, QListWidget, QListWidgetItem, QMenu,
                                QPlainTextEdit, QPushButton, QSizePolicy, QSlider, QSpinBox, QToolButton,
                                QVBoxLayout, QWidget)
 
@@ -44,6 +44,7 @@ def diversity_words(tick: int) -> str:
 class Form(QWidget):
     generate_requested = Signal()
     model_changed = Signal()
+    changed = Signal()  # a setting that changes how long a batch takes
     download_requested = Signal(str)  # source
 
     def __init__(self, settings, parent=None):
@@ -60,15 +61,43 @@ class Form(QWidget):
         self.precision.currentIndexChanged.connect(lambda _: self.model_changed.emit())
         self._last_model_index = 0
         self._diversity_changed(self.diversity.value())
+        for spin in (self.n, self.steps, self.width_, self.height_, self.true_cfg, self.diversity):
+            spin.valueChanged.connect(lambda _: self.changed.emit())
+        self.model_changed.connect(self.changed)
 
 
     def _make_prompt(self, keys):
+        self.recent_prompts = lambda: []  # the window sets where recent prompts come from (the history)
+        self.recent = QToolButton()
+        self.recent.setText("Recent")
+        self.recent.setToolTip("Prompts used before, the latest first")
+        self.recent.setPopupMode(QToolButton.ToolButtonPopupMode.InstantPopup)
+        self.recent.setFocusPolicy(Qt.FocusPolicy.NoFocus)
+        self.recent.setMenu(QMenu(self.recent))
+        self.recent.menu().aboutToShow.connect(self._fill_recent)
         self.prompt = QPlainTextEdit()
         self.prompt.setPlaceholderText(f"Describe an image \u2014 {keys} to generate")
         self.prompt.setTabChangesFocus(True)
         self.prompt.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Preferred)
         self.prompt.setFixedHeight(96)
         self.prompt.installEventFilter(self)  # Ctrl+Enter in the prompt box generates, not a new line
+
+    def _fill_recent(self):
+        menu = self.recent.menu()
+        menu.clear()
+        prompts = self.recent_prompts()
+        for text in prompts:
+            shown = text if len(text) <= 60 else text[:57] + "\u2026"
+            a = menu.addAction(shown.replace("&", "&&"))
+            a.setToolTip(text)
+            a.triggered.connect(lambda _=False, t=text: self.use_prompt(t))
+        if not prompts:
+            menu.addAction("No prompts yet").setEnabled(False)
+
+    def use_prompt(self, text: str):
+        self.prompt.setPlainText(text)
+        self.prompt.setFocus()
+        self.prompt.moveCursor(QTextCursor.MoveOperation.End)
 
     def _make_model(self):
         self.model = QComboBox()
@@ -255,12 +284,20 @@ class Form(QWidget):
         self.generate.setMinimumHeight(36)
         self.generate.setObjectName("primary")
         self.generate.clicked.connect(self.generate_requested)
+        self.estimate = QLabel()
+        self.estimate.setObjectName("hint")
+        self.estimate.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        self.estimate.setToolTip("From this model's speed on the batches in your history")
 
     def _lay_out(self, ends):
         lay = QVBoxLayout(self)
         lay.setContentsMargins(14, 14, 14, 14)
         lay.setSpacing(6)
-        lay.addWidget(self._title("Prompt"))
+        prow = QHBoxLayout()
+        prow.addWidget(self._title("Prompt"))
+        prow.addStretch(1)
+        prow.addWidget(self.recent)
+        lay.addLayout(prow)
         lay.addWidget(self.prompt)
         lay.addSpacing(6)
         lay.addWidget(self._title("Model"))
@@ -286,6 +323,7 @@ class Form(QWidget):
         lay.addWidget(self.advanced)
         lay.addStretch(1)
         lay.addWidget(self.generate)
+        lay.addWidget(self.estimate)
 
     def eventFilter(self, obj, event):
         if obj is self.prompt and event.type() in (QEvent.Type.KeyPress, QEvent.Type.ShortcutOverride):
@@ -328,12 +366,12 @@ class Form(QWidget):
     def prompt_text(self) -> str:
         return self.prompt.toPlainText().strip()
 
-    def recipe(self) -> Recipe:
-        """The form's values as a Recipe (None: the model's default; no seed: a new one each time). The
-        slider's lowest "on" position is the low end of the model's range, not plain seeds; one image has
-        nothing to push apart, so it is left plain."""
+    def recipe(self, prompt: Optional[str] = None) -> Recipe:
+        """The form's values as a Recipe (None: the model's default; no seed: a new one each time), with
+        the prompt box's text unless `prompt` is given. The slider's lowest "on" position is the low end
+        of the model's range, not plain seeds; one image has nothing to push apart, so it is left plain."""
         diversity = self.diversity_value() if self.n.value() >= 2 else None
-        return Recipe(self.prompt_text(), n=self.n.value(), model=self.source(), quantize=self.quantize(),
+        return Recipe(self.prompt_text() if prompt is None else prompt, n=self.n.value(), model=self.source(), quantize=self.quantize(),
                       negative_prompt=self.negative.text().strip() or None, guidance=self.guidance.value() or None,
                       true_cfg=self.true_cfg.value() or None,
                       steps=self.steps.value() or None, width=self.width_.value() or None,
@@ -369,7 +407,8 @@ class Form(QWidget):
             self.diversity.setValue(0)
 
     def set_busy(self, busy: bool):
-        self.generate.setEnabled(not busy)
+        """While a batch runs, Generate queues the next one."""
+        self.generate.setText("Add to queue" if busy else "Generate")
 
     def _fold(self, open_: bool):
         self.advanced.setVisible(open_)

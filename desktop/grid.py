@@ -2,19 +2,28 @@
 
 While a batch is being made its tiles show previews that sharpen step by step; then the final
 images. Keyboard: arrows move, S or Space stars, Enter opens the full view, Home/End jump. Mouse:
-click selects, double-click (or the corner button) opens the full view, the star toggles.
+click selects, double-click opens the full view, the star toggles; hovering a final image shows a bar of
+actions on it (star, vary subtly, vary strongly, explore from here, blend with..., open), which the grid
+passes on as `action(index, name)` for the window to run as it runs the same menu actions.
 """
+
+import math
 
 from typing import Optional
 
-from PySide6.QtCore import QPointF, QRect, QRectF, QSize, Qt, Signal
+from PySide6.QtCore import QEvent, QPointF, QRect, QRectF, QSize, Qt, Signal
 from PySide6.QtGui import QColor, QFont, QImage, QPainter, QPainterPath, QPen, QPixmap, QPolygonF
-from PySide6.QtWidgets import QFrame, QGridLayout, QScrollArea, QSizePolicy, QWidget
+from PySide6.QtWidgets import QFrame, QGridLayout, QScrollArea, QSizePolicy, QToolTip, QWidget
 
 TILE = 192  # smallest tile, pixels: a 32 x 32 demo image shown 6x or more, a 1024 image at a fifth
 CAPTION_H = 22
 ACCENT = QColor("#3d8bfd")
 STAR = QColor("#f5b700")
+# the hover bar: (action name, tooltip); the window maps each name to its menu action
+BAR = [("star", "Star (S)"), ("subtle", "Vary subtly"), ("strong", "Vary strongly"),
+       ("explore", "Explore new directions from here"), ("blend", "Blend with another favourite\u2026"),
+       ("view", "Open full size (Enter)")]
+BAR_H = 30
 
 
 def transformation(image: QImage, size: QSize) -> Qt.TransformationMode:
@@ -38,7 +47,6 @@ def draw_image(p: QPainter, image: QImage, target: QRect, smooth: bool = True) -
 
 
 def star_polygon(center: QPointF, outer: float) -> QPolygonF:
-    import math
     pts = []
     for k in range(10):
         r = outer if k % 2 == 0 else outer * 0.45
@@ -47,10 +55,46 @@ def star_polygon(center: QPointF, outer: float) -> QPolygonF:
     return QPolygonF(pts)
 
 
+def draw_icon(p: QPainter, name: str, r: QRect, starred: bool = False):
+    """The hover bar's icons, drawn as vectors so that they look the same with every font and scale."""
+    c = QPointF(r.center())
+    u = min(r.width(), r.height()) / 2 - 4  # half the icon's size
+    pen = QPen(QColor("#f0f0f0"), 1.8)
+    pen.setCapStyle(Qt.PenCapStyle.RoundCap)
+    p.setPen(pen)
+    p.setBrush(Qt.BrushStyle.NoBrush)
+    if name == "star":
+        p.setBrush(STAR if starred else Qt.BrushStyle.NoBrush)
+        p.drawPolygon(star_polygon(c, u))
+    elif name in ("subtle", "strong"):  # one small wave, or two big ones
+        amp, rows = (0.25 * u, [0.0]) if name == "subtle" else (0.5 * u, [-0.35 * u, 0.35 * u])
+        for dy in rows:
+            path = QPainterPath(QPointF(c.x() - u, c.y() + dy))
+            for k in range(1, 17):
+                x = -u + 2 * u * k / 16
+                path.lineTo(c.x() + x, c.y() + dy - amp * math.sin(math.pi * x / u * 1.5))
+            p.drawPath(path)
+    elif name == "explore":  # a compass needle
+        p.drawEllipse(c, u, u)
+        p.setBrush(QColor("#f0f0f0"))
+        p.drawPolygon(QPolygonF([QPointF(c.x() + 0.6 * u, c.y() - 0.6 * u), QPointF(c.x() + 0.15 * u, c.y() + 0.15 * u),
+                                 QPointF(c.x() - 0.15 * u, c.y() - 0.15 * u)]))
+    elif name == "blend":  # two overlapping circles
+        p.drawEllipse(QPointF(c.x() - 0.35 * u, c.y()), 0.65 * u, 0.65 * u)
+        p.drawEllipse(QPointF(c.x() + 0.35 * u, c.y()), 0.65 * u, 0.65 * u)
+    elif name == "view":  # the corners of a frame, pointing out
+        d = 0.8 * u
+        for sx, sy in ((-1, -1), (1, -1), (-1, 1), (1, 1)):
+            corner = QPointF(c.x() + sx * d, c.y() + sy * d)
+            p.drawLine(corner, corner - QPointF(sx * 0.6 * u, 0))
+            p.drawLine(corner, corner - QPointF(0, sy * 0.6 * u))
+
+
 class Tile(QWidget):
     clicked = Signal(object)  # self
     opened = Signal(object)
     star_clicked = Signal(object)
+    action = Signal(object, str)  # self, a BAR name other than star and view
 
     def __init__(self, size: int = TILE, parent=None):
         super().__init__(parent)
@@ -89,8 +133,19 @@ class Tile(QWidget):
     def star_rect(self) -> QRect:
         return QRect(self.size_ - 40, 4, 36, 36)
 
-    def open_rect(self) -> QRect:
-        return QRect(self.size_ - 36, self.size_ - 36, 32, 32)
+    def bar_rect(self) -> QRect:
+        return QRect(0, self.size_ - BAR_H, self.size_, BAR_H)
+
+    def button_rects(self) -> list:
+        """(name, rect) of the hover bar's buttons, centred along the bottom of the image."""
+        w = min(34, self.size_ // len(BAR))
+        x0 = (self.size_ - w * len(BAR)) // 2
+        return [(name, QRect(x0 + k * w, self.size_ - BAR_H, w, BAR_H)) for k, (name, _) in enumerate(BAR)]
+
+    def button_at(self, pos) -> str:
+        if not (self.final and self.hover):
+            return ""
+        return next((name for name, r in self.button_rects() if r.contains(pos)), "")
 
     def paintEvent(self, event):
         p = QPainter(self)
@@ -123,17 +178,7 @@ class Tile(QWidget):
                 p.setBrush(STAR if self.starred else QColor(255, 255, 255, 90))
                 p.drawPolygon(poly)
             if self.hover:
-                orr = self.open_rect()
-                path = QPainterPath()
-                path.addRoundedRect(QRectF(orr), 6, 6)
-                p.fillPath(path, QColor(0, 0, 0, 140))
-                p.setPen(QPen(QColor("#f0f0f0"), 2))
-                c = orr.adjusted(9, 9, -9, -9)
-                p.drawLine(c.topLeft(), c.bottomRight())
-                p.drawLine(c.topRight(), c.topRight() + QPointF(-6, 0).toPoint())
-                p.drawLine(c.topRight(), c.topRight() + QPointF(0, 6).toPoint())
-                p.drawLine(c.bottomLeft(), c.bottomLeft() + QPointF(6, 0).toPoint())
-                p.drawLine(c.bottomLeft(), c.bottomLeft() + QPointF(0, -6).toPoint())
+                self._paint_bar(p)
         if self.selected:
             p.setPen(QPen(ACCENT, 4))
             p.setBrush(Qt.BrushStyle.NoBrush)
@@ -142,6 +187,30 @@ class Tile(QWidget):
         cap = QRect(0, self.size_, self.size_, CAPTION_H)
         p.drawText(cap, Qt.AlignmentFlag.AlignCenter, p.fontMetrics().elidedText(self.caption, Qt.TextElideMode.ElideRight,
                                                                                  self.size_))
+
+    def _paint_bar(self, p: QPainter):
+        p.fillRect(self.bar_rect(), QColor(0, 0, 0, 165))
+        under = self.mapFromGlobal(self.cursor().pos())
+        for name, r in self.button_rects():
+            if r.contains(under):
+                path = QPainterPath()
+                path.addRoundedRect(QRectF(r.adjusted(2, 3, -2, -3)), 5, 5)
+                p.fillPath(path, QColor(255, 255, 255, 45))
+            draw_icon(p, name, r.adjusted(4, 4, -4, -4), self.starred)
+
+    def event(self, event):
+        if event.type() == QEvent.Type.ToolTip:  # the bar's buttons are painted, so their tips are given here
+            name = self.button_at(event.pos())
+            if name:
+                QToolTip.showText(event.globalPos(), dict(BAR)[name], self)
+            else:
+                QToolTip.hideText()
+            return True
+        return super().event(event)
+
+    def mouseMoveEvent(self, event):
+        if self.hover:
+            self.update(self.bar_rect())  # the highlight follows the pointer
 
     def enterEvent(self, event):
         self.hover = True
@@ -158,16 +227,21 @@ class Tile(QWidget):
         if event.button() != Qt.MouseButton.LeftButton:
             return
         pos = event.position().toPoint()
-        if self.final and self.star_rect().contains(pos):
+        button = self.button_at(pos)
+        if button == "star" or (self.final and self.star_rect().contains(pos)):
             self.star_clicked.emit(self)
-        elif self.final and self.open_rect().contains(pos):
-            self.clicked.emit(self)
-            self.opened.emit(self)
+        elif button:
+            self.clicked.emit(self)  # select first: the action runs on this image
+            if button == "view":
+                self.opened.emit(self)
+            else:
+                self.action.emit(self, button)
         else:
             self.clicked.emit(self)
 
     def mouseDoubleClickEvent(self, event):
-        if self.final and not self.star_rect().contains(event.position().toPoint()):
+        pos = event.position().toPoint()
+        if self.final and not self.star_rect().contains(pos) and not self.button_at(pos):
             self.opened.emit(self)
 
 
@@ -176,6 +250,7 @@ class Grid(QScrollArea):
     selection_changed = Signal(object)  # history.Image or None
     star_toggled = Signal(int, bool)  # image id, starred
     opened = Signal(int)  # index into items()
+    action = Signal(int, str)  # index, a hover-bar action name ("subtle", "strong", "explore", "blend")
 
     def __init__(self, tile: int = TILE, max_tile: int = 2 * TILE, parent=None):
         super().__init__(parent)
@@ -212,6 +287,7 @@ class Grid(QScrollArea):
             t.clicked.connect(self._clicked)
             t.opened.connect(self._opened)
             t.star_clicked.connect(self._star_clicked)
+            t.action.connect(lambda tile, name: self.action.emit(self.tiles.index(tile), name))
             self.tiles.append(t)
         self._relayout(force=True)
 

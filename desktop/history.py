@@ -285,6 +285,11 @@ class History:
         args.append(limit)
         return [self._batch(r, starred_only=starred_only) for r in self._db().execute(q, args)]
 
+    def recent_prompts(self, limit: int = 15) -> list:
+        """Distinct prompts, the most recently used first."""
+        rows = self._db().execute("SELECT prompt FROM batches GROUP BY prompt ORDER BY MAX(id) DESC LIMIT ?", (limit,))
+        return [r["prompt"] for r in rows]
+
     def image(self, image_id: int) -> Optional[Image]:
         r = self._db().execute("SELECT i.*, b.prompt FROM images i JOIN batches b ON b.id = i.batch_id "
                                "WHERE i.id = ?", (image_id,)).fetchone()

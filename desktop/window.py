@@ -9,14 +9,14 @@ vary subtly / strongly, Ctrl+E explores new directions, Ctrl+B blends, Ctrl+U up
 import html
 from typing import Optional
 
-from PySide6.QtCore import QByteArray, QSettings, Qt, Signal
+from PySide6.QtCore import QByteArray, QSettings, Qt, QTimer, Signal
 from PySide6.QtGui import QAction, QColor, QKeySequence, QPalette, QShortcut
 from PySide6.QtWidgets import (QFrame, QHBoxLayout, QLabel, QMainWindow, QMessageBox, QProgressBar,
                                QPushButton, QSplitter, QTabWidget, QToolBar, QVBoxLayout, QWidget)
 
 from mlx_crepulse import RecipeError
 
-from . import models, refine, worker
+from . import estimate, models, refine, worker
 from .blend import BlendDialog
 from .controls import Form
 from .grid import Grid
@@ -107,6 +107,7 @@ class MainWindow(QMainWindow):
         self.settings = settings if settings is not None else QSettings()
         self.engine = engine if engine is not None else worker.engine()
         self.job: Optional[Job] = None
+        self.queue: list = []  # jobs waiting for the running one, oldest first
         self.batch = None  # the batch on the Batch tab (a history.Batch)
         self.pinned = None  # an image pinned for comparison
         self.dialogs = []  # open viewers and comparisons
@@ -122,6 +123,7 @@ class MainWindow(QMainWindow):
     def _lay_out(self):
         """The form at the left; the Batch and History tabs, the banner and the progress row at the right."""
         self.form = Form(self.settings)
+        self.form.recent_prompts = lambda: self.history.recent_prompts(15)
         self.form.setMinimumWidth(300)
         self.form.setMaximumWidth(380)
         self.grid = Grid()
@@ -180,10 +182,18 @@ class MainWindow(QMainWindow):
         self.cancel_btn.setToolTip("Stop after the current step (Esc)")
         self.cancel_btn.setEnabled(False)
         self.cancel_btn.clicked.connect(self.cancel)
+        self.queue_label = QLabel()
+        self.queue_label.setObjectName("hint")
+        self.clear_queue_btn = QPushButton("Clear queue")
+        self.clear_queue_btn.setToolTip("Drop the batches waiting their turn; the one running goes on")
+        self.clear_queue_btn.setFocusPolicy(Qt.FocusPolicy.NoFocus)
+        self.clear_queue_btn.clicked.connect(self.clear_queue)
         prow = QHBoxLayout()
         prow.setContentsMargins(12, 6, 12, 8)
         prow.addWidget(self.progress_label)
         prow.addWidget(self.progress, 1)
+        prow.addWidget(self.queue_label)
+        prow.addWidget(self.clear_queue_btn)
         prow.addWidget(self.cancel_btn)
 
         return prow
@@ -191,6 +201,7 @@ class MainWindow(QMainWindow):
     def _wire(self):
         self.form.generate_requested.connect(self.generate)
         self.form.model_changed.connect(self.update_model_state)
+        self.form.changed.connect(self.update_estimate)
         self.form.download_requested.connect(self.download)
         self.grid.selection_changed.connect(lambda _: self._update_actions())
         self.grid.star_toggled.connect(self._star_from_grid)
@@ -232,7 +243,8 @@ class MainWindow(QMainWindow):
         else:
             self._show_empty()
         self.update_model_state()
-        self._update_actions()
+        self._show_queue()
+        self.update_estimate()
         self.form.prompt.setFocus()
         self.statusBar().showMessage(f"history: {self.history.folder}", 8000)
 
@@ -267,7 +279,9 @@ class MainWindow(QMainWindow):
             return a
 
         act("generate", "Generate", "Make a batch from the form", "Ctrl+Return", self.generate, "&File", False)
-        act("cancel", "Cancel", "Stop after the current step", "Escape", self.cancel, "&File", False)
+        act("cancel", "Cancel", "Stop after the current step (the queue goes on)", "Escape", self.cancel, "&File", False)
+        act("clear_queue", "Clear queue", "Drop the batches waiting their turn", "Shift+Escape", self.clear_queue,
+            "&File", False)
         menus["&File"].addSeparator()
         quit_ = act("quit", "Quit", "Close the window", QKeySequence.StandardKey.Quit, self.close, "&File", False)
         quit_.setMenuRole(QAction.MenuRole.QuitRole)
@@ -279,9 +293,10 @@ class MainWindow(QMainWindow):
             "&View")
         image_actions = [self.actions_[k] for k in ("view", "star", "compare", "subtle", "strong", "explore", "blend",
                                                      "upscale", "twin")]
-        for grid in (self.grid, self.history_view.grid, self.favourites):  # right-click: the same actions
+        for grid in (self.grid, self.history_view.grid, self.favourites):  # right-click and hover: the same actions
             grid.setContextMenuPolicy(Qt.ContextMenuPolicy.ActionsContextMenu)
             grid.addActions(image_actions)
+            grid.action.connect(self._bar_action)
         about = act("about", "About mlx-crepulse", "What this is", None, self._about, "&Help", False)
         about.setMenuRole(QAction.MenuRole.AboutRole)
         QShortcut(QKeySequence("Ctrl+Enter"), self, self.generate, context=Qt.ShortcutContext.WindowShortcut)
@@ -298,6 +313,12 @@ class MainWindow(QMainWindow):
             lambda: self.upscale())
         act("twin", "Diversity off", "The batch again with the same seeds and no diversity: what it did",
             "Ctrl+0", lambda: self.twin())
+
+    def _bar_action(self, index, name):
+        """A tile's hover bar: the tile is selected already; run the menu's action on it."""
+        action = self.actions_[name]
+        if action.isEnabled():
+            action.trigger()
 
     def _about(self):
         QMessageBox.about(self, "mlx-crepulse", "Varied images from FLUX with contextual repulsion "
@@ -318,12 +339,12 @@ class MainWindow(QMainWindow):
         return self._grid().current_item()
 
     def _update_actions(self):
-        im = self.selected_image()
-        busy = self.engine.busy and self.job is not None
+        im = self.selected_image()  # while a batch runs, refinements join the queue
         for name in ("subtle", "strong", "blend", "upscale", "view", "star", "compare"):
-            self.actions_[name].setEnabled(im is not None and (name in ("view", "star", "compare") or not busy))
-        self.actions_["explore"].setEnabled(self._context_batch() is not None and not busy)
-        self.actions_["twin"].setEnabled(self._context_batch() is not None and not busy)
+            self.actions_[name].setEnabled(im is not None)
+        self.actions_["explore"].setEnabled(self._context_batch() is not None)
+        self.actions_["twin"].setEnabled(self._context_batch() is not None)
+        self.actions_["clear_queue"].setEnabled(bool(self.queue))
         self.actions_["star"].setText("Unstar" if im is not None and im.starred else "Star")
         pinned = self.pinned is not None
         self.actions_["compare"].setText("Compare with pinned" if pinned else "Compare")
@@ -350,10 +371,8 @@ class MainWindow(QMainWindow):
         return self.start(Job(recipe, low_memory=self.form.low_memory.isChecked(), loras=self.form.loras()))
 
     def start(self, job: Job) -> bool:
-        """Check the model (on disk? enough memory?) and hand the job to the engine thread."""
-        if self.engine.busy:
-            self.statusBar().showMessage("still working on the last batch: wait, or cancel it (Esc)", 5000)
-            return False
+        """Check the model (on disk? enough memory?) and hand the job to the engine thread, or queue it
+        while another batch runs."""
         problem = models.availability(job.source)
         if problem:
             repo = models.repo_of(job.source)
@@ -367,6 +386,15 @@ class MainWindow(QMainWindow):
         if mem and not self.ask("Not enough memory", mem + "\n\nTry anyway?"):
             self.banner.show_message(mem, "warn")
             return False
+        if self.engine.busy or self.queue:
+            self.queue.append(job)
+            self._show_queue()
+            self.statusBar().showMessage(f"queued: {KINDS.get(job.kind, job.kind).lower()} of \u201c{job.prompt}\u201d "
+                                         "starts when the batch before it is done", 5000)
+            return True
+        return self._launch(job)
+
+    def _launch(self, job: Job) -> bool:
         if not self.engine.submit(job, self.history):
             return False
         self.job = job
@@ -380,10 +408,28 @@ class MainWindow(QMainWindow):
         self.info.setText(f"{KINDS.get(job.kind, job.kind)} \u00b7 {plural(job.n, 'image')} \u00b7 {models.label(job.source)}"
                           " \u00b7 working\u2026")
         self.grid.set_placeholders(job.n, job.labels)
-        self._update_actions()
+        self._show_queue()
         return True
 
+    def _next(self):
+        """Start the oldest queued job, once the engine is free."""
+        if self.queue and not self.engine.busy and self.job is None:
+            self._launch(self.queue.pop(0))
+
+    def _show_queue(self):
+        n = len(self.queue)
+        self.queue_label.setText(f"{n} waiting" if n else "")
+        self.queue_label.setVisible(bool(n))
+        self.clear_queue_btn.setVisible(bool(n))
+        self.form.set_busy(self.job is not None)
+        self._update_actions()
+
+    def clear_queue(self):
+        self.queue.clear()
+        self._show_queue()
+
     def cancel(self):
+        """Stop the download, or the running batch after its current step; queued batches go on."""
         if self.downloader.running:
             self.downloader.stop()
             return
@@ -453,6 +499,19 @@ class MainWindow(QMainWindow):
 
     # --- engine signals ----------------------------------------------------------------------------
 
+    def update_estimate(self):
+        """The form's time estimate, from this model's speed on the batches in the history."""
+        try:
+            wanted = self.form.recipe(prompt="estimate").to_dict()
+        except RecipeError:
+            self.form.estimate.setText("")
+            return
+        for key, value in self.defaults.get(wanted["model"], {}).items():
+            if key in wanted and wanted[key] is None:
+                wanted[key] = value
+        seconds = estimate.seconds(wanted, self.history.batches(limit=200))
+        self.form.estimate.setText(estimate.describe(seconds, self.engine.loaded_source != wanted["model"]))
+
     def _mine(self) -> bool:
         return self.job is not None
 
@@ -471,6 +530,7 @@ class MainWindow(QMainWindow):
             for s, key in ((self.form.width_, "width"), (self.form.height_, "height")):
                 s.setSpecialValueText(f"default ({defaults[key]})")
             self.form.set_model_size(defaults["width"], defaults["height"])
+        self.update_estimate()
 
     def _progress(self, step, steps, elapsed, eta):
         if not self._mine():
@@ -490,8 +550,10 @@ class MainWindow(QMainWindow):
         self.cancel_btn.setEnabled(False)
         self.progress.setRange(0, 1)
         self.progress.setValue(0)
-        self._update_actions()
+        self._show_queue()
         self.job_ended.emit(how)
+        if self.queue:  # after this signal's other slots: the engine is free by then
+            QTimer.singleShot(0, self._next)
 
     def _finished(self, batch_id):
         if not self._mine():
@@ -504,6 +566,7 @@ class MainWindow(QMainWindow):
         self.progress_label.setText(f"{plural(len(b.images), 'image')} in {b.seconds:.1f} s")
         self.history_view.refresh(select_batch=batch_id)  # History follows: Run again and Export act on it
         self.grid.setFocus()  # keys now move, star and open; typed into the prompt they changed it
+        self.update_estimate()
         if job.kind != "generate":
             self.statusBar().showMessage(f"{KINDS.get(job.kind, job.kind)}: batch {batch_id}", 6000)
         self.batch_shown.emit(batch_id)
@@ -699,6 +762,7 @@ class MainWindow(QMainWindow):
         self.form.save()
         self.settings.setValue("window/geometry", self.saveGeometry())
         self.settings.sync()
+        self.queue.clear()
         if self.job is not None:
             self.engine.cancel()
         self.downloader.stop()

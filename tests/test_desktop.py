@@ -25,7 +25,7 @@ from PIL import Image as PILImage  # noqa: E402
 from PySide6.QtCore import QSettings, Qt, QTimer  # noqa: E402
 
 import mlx_crepulse  # noqa: E402
-from desktop import controls, history as history_mod, models, refine, worker  # noqa: E402
+from desktop import controls, estimate, history as history_mod, models, refine, worker  # noqa: E402
 from desktop.history import History  # noqa: E402
 from desktop.viewer import Compare, Viewer  # noqa: E402
 from desktop.window import MainWindow  # noqa: E402
@@ -596,3 +596,124 @@ def test_thirty_batches_keep_none_alive(qtbot, make_window):
         generate(qtbot, w, prompt="a red circle", seed=k)
     change = sys.getrefcount(None) - before
     assert sys.version_info >= (3, 12) or change > -100, change  # 3.12+: None is immortal
+
+
+def hover(tile):
+    """The pointer entering a tile, as Qt delivers it (offscreen platforms send no enter events of their own)."""
+    from PySide6.QtCore import QPointF
+    from PySide6.QtGui import QEnterEvent
+    from PySide6.QtWidgets import QApplication
+    centre = QPointF(tile.rect().center())
+    QApplication.sendEvent(tile, QEnterEvent(centre, centre, QPointF(tile.mapToGlobal(centre.toPoint()))))
+
+
+def test_hover_bar_runs_the_image_actions(qtbot, make_window):
+    """The bar on a hovered tile does what the menu does, on that tile's image: star, vary, open; it
+    shows only on hover and a click elsewhere on the image only selects."""
+    from desktop.grid import BAR
+    w = make_window(n=3)
+    batch_id = generate(qtbot, w)
+    tile = w.grid.tiles[2]
+    assert tile.button_at(tile.button_rects()[1][1].center()) == ""  # no bar without the pointer
+    hover(tile)
+    assert [name for name, _ in tile.button_rects()] == [name for name, _ in BAR]
+    rect = dict(tile.button_rects())
+    assert all(tile.image_rect().contains(r) for r in rect.values())  # on the image, every button whole
+    qtbot.mouseClick(tile, Qt.MouseButton.LeftButton, pos=rect["star"].center())
+    assert w.grid.current == 2 and w.history.image(tile.item.id).starred  # selected and starred
+    qtbot.mouseClick(tile, Qt.MouseButton.LeftButton, pos=rect["view"].center())
+    assert len(w.dialogs) == 1 and isinstance(w.dialogs[0], Viewer) and w.dialogs[0].index == 2
+    w.dialogs[0].close()
+    qtbot.waitUntil(lambda: not w.dialogs, timeout=5000)  # deleted on close, a moment later
+    parent = tile.item.id
+    qtbot.mouseClick(w.grid.tiles[0], Qt.MouseButton.LeftButton, pos=w.grid.tiles[0].rect().center())
+    assert w.grid.current == 0 and not w.dialogs  # a plain click selects, nothing more
+    hover(w.grid.tiles[2])
+    new = run(qtbot, w, lambda: qtbot.mouseClick(w.grid.tiles[2], Qt.MouseButton.LeftButton,
+                                                 pos=rect["subtle"].center()) or w.job is not None)
+    b = w.history.batch(new)
+    assert new != batch_id and b.kind == refine.SUBTLE.kind and b.parent_image == parent
+
+
+def test_queue_runs_batches_in_order(qtbot, make_window):
+    """While a batch runs, Generate and the refinements queue the next ones; each runs in turn when the one
+    before ends, a cancel stops only the running one, and Clear queue drops the waiting ones."""
+    w = make_window(n=2)
+    first = generate(qtbot, w, "a red circle")
+    ended = []
+    w.job_ended.connect(ended.append)
+    w.form.prompt.setPlainText("a blue square")
+    assert w.generate()
+    assert w.form.generate.isEnabled() and w.form.generate.text() == "Add to queue"
+    w.grid.select(0)
+    w.form.prompt.setPlainText("a green triangle")
+    assert w.generate() and w.twin()
+    assert len(w.queue) == 2 and w.queue_label.text() == "2 waiting" and not w.clear_queue_btn.isHidden()
+    qtbot.waitUntil(lambda: len(ended) == 3 and w.job is None, timeout=3 * TIMEOUT)
+    assert ended == ["finished"] * 3 and not w.queue and w.queue_label.isHidden()
+    made = [b for b in reversed(w.history.batches()) if b.id > first]
+    assert [(b.prompt, b.kind) for b in made] == [("a blue square", "generate"), ("a green triangle", "generate"),
+                                                  ("a red circle", "twin")]
+    assert w.form.generate.text() == "Generate"
+    # a cancel stops the running batch and the queue goes on; Clear queue drops what waits
+    ended.clear()
+    w.form.steps.setValue(60)
+    assert w.generate() and w.generate() and w.generate()
+    assert len(w.queue) == 2
+    w.cancel()
+    qtbot.waitUntil(lambda: len(ended) == 1, timeout=TIMEOUT)
+    assert ended == ["cancelled"]
+    qtbot.waitUntil(lambda: w.job is not None, timeout=5000)  # the next one started by itself
+    assert len(w.queue) == 1
+    w.clear_queue()
+    assert not w.queue and w.queue_label.isHidden()
+    w.cancel()
+    qtbot.waitUntil(lambda: w.job is None and not w.engine.busy, timeout=TIMEOUT)
+    assert ended == ["cancelled", "cancelled"] and w.history.batches()[0].id == made[-1].id
+
+
+def test_recent_prompts_and_time_estimate(qtbot, make_window):
+    """The prompt box offers the prompts used before, newest first, once each; the form says how long a
+    batch will take from this model's measured speed (nothing to go on before its first batch)."""
+    w = make_window(n=2)
+    assert w.form.estimate.text().startswith("Time: known after the first batch")
+    for prompt in ("a red circle", "a blue square", "a red circle"):
+        generate(qtbot, w, prompt)
+    menu = w.form.recent.menu()
+    menu.aboutToShow.emit()
+    assert [a.text() for a in menu.actions()] == ["a red circle", "a blue square"]
+    menu.actions()[1].trigger()
+    assert w.form.prompt_text() == "a blue square"
+    b = w.history.batches()[0]
+    shown = w.form.estimate.text()
+    assert shown.startswith("About ") and "loading" not in shown  # the model is loaded
+    expected = estimate.seconds(w.form.recipe().to_dict() | {"steps": b.recipe["steps"], "width": b.recipe["width"],
+                                                                "height": b.recipe["height"]}, w.history.batches())
+    assert expected is not None and expected > 0
+    w.form.n.setValue(4)  # twice the images: twice the estimate
+    again = estimate.seconds(w.form.recipe().to_dict() | {k: b.recipe[k] for k in ("steps", "width", "height")},
+                             w.history.batches())
+    assert again == pytest.approx(2 * expected)
+
+
+def test_estimate_scales_measured_speed():
+    """Closed form: batches that took exactly `speed` seconds per unit of work give back speed x work for a
+    new batch; repelled batches are judged by repelled ones; another model or precision tells nothing."""
+    from desktop.history import Batch
+
+    def batch(i, seconds, model="m", quantize=None, method=None, **r):
+        recipe = dict(model=model, quantize=quantize, method=method, steps=4, width=256, height=256, n=2,
+                      max_sequence_length=64, true_cfg=1.0) | r
+        return Batch(i, 0.0, "p", model, "generate", None, Path("."), recipe, False, seconds)
+    unit = 4 * 2 * (256 * 256 / 256 + 64)
+    past = [batch(3, 3.0 * unit, method={"name": "contextual"}), batch(2, 1.0 * unit), batch(1, 1.0 * unit),
+            batch(0, 9.0, model="other")]
+    plain = dict(model="m", quantize=None, method=None, steps=8, width=512, height=512, n=3, max_sequence_length=64,
+                 true_cfg=2.0)
+    assert estimate.seconds(plain, past) == pytest.approx(8 * 3 * 2 * (512 * 512 / 256 + 64))
+    repelled = plain | {"method": {"name": "contextual"}}
+    assert estimate.seconds(repelled, past) == pytest.approx(3.0 * 8 * 3 * 2 * (512 * 512 / 256 + 64))
+    defaults = dict(plain, steps=None, width=None, height=None, true_cfg=None)  # the latest batch's settings
+    assert estimate.seconds(defaults, past) == pytest.approx(4 * 3 * (256 * 256 / 256 + 64))
+    assert estimate.seconds(plain | {"quantize": 4}, past) is None
+    assert estimate.seconds(plain | {"model": "new"}, past) is None
