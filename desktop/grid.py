@@ -115,9 +115,11 @@ class Tile(QWidget):
 
     def _scaled(self, size: QSize) -> QPixmap:
         """The image scaled to the tile, cached until the image or the size changes."""
-        key = (self.image.cacheKey(), size.width(), size.height())
+        key = (self.image.cacheKey(), size.width(), size.height(), self.final)
         if self._cache_key != key:
-            img = self.image.scaled(size, Qt.AspectRatioMode.KeepAspectRatio, transformation(self.image, size))
+            # a quick preview is an eighth of the image's size: smooth it, only final pixels stay crisp
+            mode = transformation(self.image, size) if self.final else Qt.TransformationMode.SmoothTransformation
+            img = self.image.scaled(size, Qt.AspectRatioMode.KeepAspectRatio, mode)
             self._pixmap, self._cache_key = QPixmap.fromImage(img), key
         return self._pixmap
 

@@ -10,7 +10,8 @@ rows) and reports back through Qt signals (queued into the GUI thread):
     warning(str)                something the user should know, the job goes on (a prompt cut short)
     loaded(str, dict)           a model is ready: its source and defaults
     progress(int, int, float, float)   step, steps, elapsed s, estimated s left
-    preview(object, int, int)   list of QImage (the current prediction of each image), step, steps
+    preview(object, int, int)   list of QImage (the current prediction of each image: decoded, or by the
+                                quick latent-to-RGB map at the latent image's size), step, steps
     finished(int)               the new batch's id in the history
     cancelled()                 stopped at the user's request; nothing was saved
     failed(str, str)            a message for the user, and a kind: "weights", "value", "memory", "error"
@@ -31,6 +32,11 @@ from PySide6.QtCore import QObject, QThread, Signal, Slot
 from PySide6.QtGui import QImage
 
 from mlx_crepulse import Blend, Cancelled, Pipeline, Recipe, Repulsion, WeightsError, mix_noise
+
+# a full preview costing more than this share of a step, and more than a glance (QUICK_FLOOR_S), is
+# replaced by the quick one
+QUICK_WHEN = 0.1
+QUICK_FLOOR_S = 0.05
 
 
 @dataclass
@@ -149,18 +155,25 @@ class _Runner(QObject):
             self.warning.emit(f"The {what} is {count} tokens long and this model reads {limit}: the end of it is "
                               "ignored.")
         self.status.emit("generating ...")
-        last = {"t": 0.0, "cost": 0.0}
+        last = {"t": 0.0, "cost": 0.0, "decode": None}
 
         def callback(p):
             if self.cancel_flag.is_set():
                 return False
             self.progress.emit(p.step, p.steps, p.elapsed, p.eta)
-            # a preview costs one VAE decode: show it when that stays cheap next to the steps
+            # A full preview costs a VAE decode per image. Once this run has measured one and it weighs
+            # on the steps (QUICK_WHEN), the fitted latent-to-RGB map stands in (a matmul); either way a
+            # preview is shown only while it stays cheap next to the steps.
             now = time.perf_counter()
             if self.previews and p.step < p.steps and now - last["t"] >= 2 * last["cost"]:
+                step = p.elapsed / p.step
+                quick = last["decode"] is not None and last["decode"] > max(QUICK_FLOOR_S, QUICK_WHEN * step)
                 t0 = time.perf_counter()
-                self.preview.emit(to_qimages(p.preview()), p.step, p.steps)
+                images = p.preview(quick=quick)
                 last["cost"] = time.perf_counter() - t0
+                if not quick:
+                    last["decode"] = last["cost"]
+                self.preview.emit(to_qimages(images), p.step, p.steps)
                 last["t"] = time.perf_counter()
             return not self.cancel_flag.is_set()
 

@@ -20,6 +20,7 @@ from . import cpu, lora, memory, sampling, weights
 from .models import autoencoder, clip, t5
 from .models.flux import FluxTransformer
 from .model_folder import ModelFolder
+from .preview import LatentRGB
 from .recipe import Recipe, RecipeError
 from .repulsion import Recording, Repulsion, signature
 
@@ -37,7 +38,9 @@ class NotFinite(ValueError):
 @dataclass
 class Progress:
     """What a callback sees after each step. `preview()` decodes the current prediction of the clean
-    image (one VAE decode, so call it when it pays)."""
+    images (one VAE decode each, so call it when it pays); `preview(quick=True)` maps it to RGB with the
+    pipeline's fitted latent-to-RGB map instead (`preview.py`), at the latent image's resolution, once
+    `quick_ready` (after the pipeline's first decode)."""
     step: int
     steps: int
     elapsed: float
@@ -50,7 +53,13 @@ class Progress:
     def eta(self) -> float:
         return self.elapsed / self.step * (self.steps - self.step) if self.step else 0.0
 
-    def preview(self) -> np.ndarray:
+    @property
+    def quick_ready(self) -> bool:
+        return self._pipe.preview_map.ready
+
+    def preview(self, quick: bool = False) -> np.ndarray:
+        if quick and self.quick_ready:
+            return self._pipe.quick_preview(self._x0, *self._grid)
         return self._pipe.decode(self._x0, *self._grid)
 
 
@@ -96,6 +105,7 @@ class Pipeline:
         self._reload_encoders = reload_encoders  # set in low-memory mode: encoders are freed after use
         self.low_memory = reload_encoders is not None
         self._prompt_cache = {}
+        self.preview_map = LatentRGB(vae.config["latent_channels"])  # fitted on every decode
         self._forward = transformer
         if mx.default_device() == mx.cpu:  # the CPU's own kernels and two streams (cpu.py)
             cpu.install()
@@ -231,7 +241,12 @@ class Pipeline:
             # the low-memory mode decodes in tiles, so the VAE's peak is one tile's, not the image's
             img = vae.decode_tiled(z, VAE_TILE) if self.low_memory and max(z.shape[1:3]) > VAE_TILE else vae.decode(z)
             out.append(np.array(mx.clip(img.astype(mx.float32) / 2 + 0.5, 0, 1)))
+            self.preview_map.add(np.array(z.astype(mx.float32)), out[-1])
         return np.concatenate(out, axis=0)
+
+    def quick_preview(self, tokens: mx.array, rows: int, cols: int) -> np.ndarray:
+        """Packed latents -> rough float32 images (n, H / scale, W / scale, 3) by the fitted latent-to-RGB map."""
+        return self.preview_map(np.array(self._to_vae(tokens, rows, cols).astype(mx.float32)))
 
     def encode_image(self, images: np.ndarray) -> mx.array:
         """Float images (n, H, W, 3) in [0, 1] -> packed latents as the sampler sees them (the VAE's mean)."""

@@ -132,6 +132,26 @@ def test_generation_fills_grid_with_previews(qtbot, make_window):
     assert w.grid.tiles[0].width() >= 192
 
 
+def test_previews_turn_quick_when_a_decode_weighs_on_the_steps(qtbot, make_window, monkeypatch):
+    """The worker shows full decodes while they are cheap next to a step (the demo: 32-pixel images at full
+    size); when a decode costs more than QUICK_WHEN of a step and QUICK_FLOOR_S (forced here with 0), the first preview of a
+    run is still a decode, which measures it, and the rest come from the latent-to-RGB map, at the latent
+    image's size. The final images are decoded in full either way."""
+    w = make_window(n=2, steps=6)
+    with collecting(w.engine.preview) as full:
+        generate(qtbot, w, seed=1)
+    monkeypatch.setattr(worker, "QUICK_WHEN", 0.0)
+    monkeypatch.setattr(worker, "QUICK_FLOOR_S", 0.0)
+    with collecting(w.engine.preview) as mixed:
+        batch_id = generate(qtbot, w, seed=2)
+    size = w.history.batch(batch_id).images[0].path
+    side = PILImage.open(size).width
+    assert full and {q.width() for images, *_ in full for q in images} == {side}
+    widths = [images[0].width() for images, *_ in mixed]
+    assert len(widths) >= 2 and widths[0] == side and set(widths[1:]) == {side // 2}  # the demo's VAE: 2x
+    assert all(t.final and t.image.width() == side for t in w.grid.tiles)
+
+
 def test_cancel_mid_run_keeps_window_usable(qtbot, make_window):
     w = make_window(n=2, steps=60)
     before = w.history.count()
