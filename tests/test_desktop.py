@@ -29,7 +29,7 @@ from desktop import controls, estimate, history as history_mod, models, refine, 
 from desktop.history import History  # noqa: E402
 from desktop.viewer import Compare, Viewer  # noqa: E402
 from desktop.window import MainWindow  # noqa: E402
-from mlx_crepulse import cli, metadata  # noqa: E402
+from mlx_crepulse import metadata  # noqa: E402
 
 DEMO_INDEX = Path(mlx_crepulse.__file__).parent / "demo_model" / "model_index.json"
 ROOT = Path(__file__).resolve().parents[1]
