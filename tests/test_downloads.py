@@ -116,35 +116,29 @@ def test_download_failures_have_a_kind(raised, kind, hf_cache, monkeypatch):
 pytest.importorskip("pytestqt")
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
-from PySide6.QtCore import QObject, QSettings, Signal  # noqa: E402
+from PySide6.QtCore import QSettings  # noqa: E402
 
 from desktop import login as login_mod, models, window as window_mod, worker  # noqa: E402
 from desktop.login import LoginDialog  # noqa: E402
 from mlx_crepulse import Recipe  # noqa: E402
 
 
-class FakeEngine(QObject):
-    """The engine's signals and calls, with no model behind them: these tests never reach a generation."""
-    status, warning, cancelled = Signal(str), Signal(str), Signal()
-    loaded, progress, preview = Signal(str, dict), Signal(int, int, float, float), Signal(object, int, int)
-    finished, failed = Signal(int), Signal(str, str)
-    busy, loaded_source = False, None
-
-    def submit(self, job, history):
-        pytest.fail("a job reached the engine")
-
-    def cancel(self):
-        pass
+@pytest.fixture(scope="module", autouse=True)
+def engine_thread():
+    yield
+    worker.shutdown()
 
 
 @pytest.fixture
 def win(qtbot, tmp_path, hf_cache, monkeypatch):
     """A window on an empty Hugging Face cache, a 64 GB machine and 1 TB free unless a test says otherwise;
-    `w.asked` records every question (answered No) and a download that starts fails the test."""
+    `w.asked` records every question (answered No); a download that starts, or a job that reaches the engine,
+    fails the test."""
     monkeypatch.setattr(models, "physical_ram_gb", lambda: 64.0)
     monkeypatch.setattr(hub, "free_bytes", lambda path=None: 1000 * GB)
     settings = QSettings(str(tmp_path / "settings.ini"), QSettings.Format.IniFormat)
-    w = window_mod.MainWindow(data_dir=tmp_path / "data", settings=settings, engine=FakeEngine())
+    w = window_mod.MainWindow(data_dir=tmp_path / "data", settings=settings)  # the real engine thread
+    monkeypatch.setattr(w.engine, "submit", lambda job, history: pytest.fail("a job reached the engine"))
     qtbot.addWidget(w)
     w.asked = []
     w.ask = lambda title, text: w.asked.append(text) and False
