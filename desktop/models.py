@@ -30,6 +30,13 @@ NEEDS_GB = {"schnell": FLUX_NEEDS_GB, "dev": FLUX_NEEDS_GB, "klein": KLEIN_4B_NE
             "klein-base": KLEIN_4B_NEEDS_GB, "klein-9b": KLEIN_9B_NEEDS_GB, "klein-9b-base": KLEIN_9B_NEEDS_GB}
 DEMO_NEEDS_GB = 0.5
 PRECISIONS = [(None, "full (bf16)"), (8, "8-bit"), (4, "4-bit")]
+# GB a download brings (the files of weights.HUB_PATTERNS), known before the Hub answers, so the disk is
+# checked before anything starts. FLUX.1: the folder docs/full-size.md writes with the Hub's names and
+# shapes (transformer 23.8, T5 9.5, CLIP 0.25, VAE 0.17). [klein]: the modules of scripts/klein_memory.py
+# built lazily in bf16 (transformer 7.75 / 18.16, VAE 0.17), with Qwen3's 36 layers as the Hub ships
+# them (8.05 for Qwen3-4B; 16.38 for Qwen3-8B, whose LM head is not tied to its embedding).
+DOWNLOAD_GB = {"schnell": 33.7, "dev": 33.7, "klein": 16.0, "klein-base": 16.0, "klein-9b": 34.7,
+               "klein-9b-base": 34.7}
 
 
 def label(source: str) -> str:
@@ -81,9 +88,47 @@ def memory_problem(source: str, quantize: Optional[int], ram_gb: Optional[float]
     if quantize != 4 and table[4] <= ram * 0.9:
         advice = " Choose 4-bit" + (" or 8-bit" if quantize is None and table[8] <= ram * 0.9 else "") + "."
     elif quantize != 4 or need > ram:
-        advice = " Try the demo model."
+        advice = " " + smaller_model(source, ram)
     return (f"{label(source)} at {precision} needs about {need:.0f} GB of memory; this machine has "
             f"{ram:.0f} GB.{advice}")
+
+
+def download_gb(source: str) -> Optional[float]:
+    """GB a download of this model brings; None for a repo the table does not know."""
+    return DOWNLOAD_GB.get(source)
+
+
+def disk_problem(source: str) -> Optional[str]:
+    """A message when the disk cannot hold the download of a built-in model; None when it can or when
+    its size is unknown (the download then checks once the Hub has said it)."""
+    repo, gb = repo_of(source), download_gb(source)
+    return hub.disk_problem(repo, int(gb * hub.GB)) if repo and gb else None
+
+
+def download_message(kind: Optional[str], repo: str, message: str) -> str:
+    """A download failure (WeightsError.kind and the CLI's message) in an app user's words: no
+    environment variables, no terminal commands."""
+    name = next((label(s) for s, _ in CHOICES if repo_of(s) == repo), repo)
+    if kind == "gated":
+        return (f"{name} needs you to accept its licence at https://huggingface.co/{repo} and log in "
+                "(File > Log in to Hugging Face), then download it again.")
+    if kind == "offline":
+        return "No internet connection: the download resumes where it stopped when you try again."
+    if kind == "missing":
+        return (f"There is no model {repo} on the Hugging Face Hub, or it is private: check the name, or "
+                "log in (File > Log in to Hugging Face) if it is yours.")
+    if kind == "disk":
+        return (f"Not enough disk space: the disk holding {hub.cache_dir()} is full. Free some space and "
+                "try again; the download resumes where it stopped.")
+    return f"The download of {name} failed: {message}"
+
+
+def smaller_model(source: str, ram: float) -> str:
+    """Advice for a model too big even at 4-bit: the biggest built-in model that fits, or the demo."""
+    fits = [s for s, _ in CHOICES if s in NEEDS_GB and s != source and NEEDS_GB[s][4] <= ram * 0.9]
+    if not fits:
+        return "Try the demo model."
+    return f"Try {label(max(fits, key=lambda s: NEEDS_GB[s][4]))} at 4-bit, or the demo model."
 
 
 def availability(source: str) -> Optional[str]:
@@ -104,10 +149,10 @@ def availability(source: str) -> Optional[str]:
 
 class Downloader(QObject):
     """Download a Hub pipeline in a child process. Signals: progress(done bytes, total bytes or 0),
-    finished(folder), failed(message)."""
+    finished(folder), failed(message in the app's words, kind: WeightsError's kinds, "stopped" or "other")."""
     progress = Signal(int, int)
     finished = Signal(str)
-    failed = Signal(str)
+    failed = Signal(str, str)
 
     def __init__(self, parent=None):
         super().__init__(parent)
@@ -158,19 +203,27 @@ class Downloader(QObject):
     def _error(self, error):
         if error == QProcess.ProcessError.FailedToStart:
             self._timer.stop()
-            self.failed.emit(f"could not start the download: {self.process.errorString()}")
+            self.failed.emit(f"could not start the download: {self.process.errorString()}", "other")
 
     def _ended(self, code, status):
         self._timer.stop()
         self._read()
+        self._report(code, status == QProcess.ExitStatus.CrashExit)
+
+    def _report(self, code: int, crashed: bool = False):
+        """Say how the child's run ended, from what it printed (`done`, or `error KIND MESSAGE`)."""
         lines = self._out.splitlines()
         done = [l[5:] for l in lines if l.startswith("done ")]
         errors = [l[6:] for l in lines if l.startswith("error ")]
         if code == 0 and done:
             self.progress.emit(self.total, self.total)
             self.finished.emit(done[-1])
-        elif status == QProcess.ExitStatus.CrashExit:
-            self.failed.emit("download stopped; starting it again resumes where it left off")
+        elif crashed:
+            self.failed.emit("download stopped; starting it again resumes where it left off", "stopped")
+        elif errors:
+            kind, _, message = errors[-1].partition(" ")
+            # the child's disk check speaks plainly already; everything else is in the CLI's words
+            self.failed.emit(message if code == hub.DISK_FULL else
+                             download_message(None if kind == "other" else kind, self.repo, message), kind)
         else:
-            tail = errors[-1] if errors else (lines[-1] if lines else f"exit code {code}")
-            self.failed.emit(tail)
+            self.failed.emit(download_message(None, self.repo, lines[-1] if lines else f"exit code {code}"), "other")

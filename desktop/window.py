@@ -22,6 +22,7 @@ from .controls import Form
 from .grid import Grid
 from .history import History
 from .history_view import HistoryView, plural
+from .login import LoginDialog
 from .viewer import KINDS, Compare, Viewer, summary
 from .worker import Job
 
@@ -65,7 +66,8 @@ def native(keys: str) -> str:
 
 
 class Banner(QFrame):
-    """A message above the images: errors (a model missing, too little memory), warnings, notes."""
+    """A message above the images: errors (a model missing, too little memory), warnings, notes; with a
+    button for the action that solves it, where there is one (log in, for a gated model)."""
 
     def __init__(self, parent=None):
         super().__init__(parent)
@@ -78,14 +80,22 @@ class Banner(QFrame):
         close.setFixedWidth(28)
         close.setFocusPolicy(Qt.FocusPolicy.NoFocus)
         close.clicked.connect(self.hide)
+        self.action = None
+        self.action_btn = QPushButton()
+        self.action_btn.setFocusPolicy(Qt.FocusPolicy.NoFocus)
+        self.action_btn.clicked.connect(lambda: self.action is not None and self.action.trigger())
         lay = QHBoxLayout(self)
         lay.setContentsMargins(10, 6, 6, 6)
         lay.addWidget(self.label, 1)
+        lay.addWidget(self.action_btn)
         lay.addWidget(close)
         self.hide()
 
-    def show_message(self, text: str, level: str = "error"):
+    def show_message(self, text: str, level: str = "error", action: Optional[QAction] = None):
         self.label.setText(text)
+        self.action = action
+        self.action_btn.setText(action.text() if action is not None else "")
+        self.action_btn.setVisible(action is not None)
         self.setProperty("level", level)
         self.style().unpolish(self)
         self.style().polish(self)
@@ -283,6 +293,9 @@ class MainWindow(QMainWindow):
         act("clear_queue", "Clear queue", "Drop the batches waiting their turn", "Shift+Escape", self.clear_queue,
             "&File", False)
         menus["&File"].addSeparator()
+        act("login", "Log in to Hugging Face\u2026", "Save an access token, for the gated models (FLUX.1-dev, "
+            "FLUX.2 [klein] 9B)", None, lambda: self.login(), "&File", False)
+        menus["&File"].addSeparator()
         quit_ = act("quit", "Quit", "Close the window", QKeySequence.StandardKey.Quit, self.close, "&File", False)
         quit_.setMenuRole(QAction.MenuRole.QuitRole)
         self._image_actions(act)
@@ -376,8 +389,14 @@ class MainWindow(QMainWindow):
         problem = models.availability(job.source)
         if problem:
             repo = models.repo_of(job.source)
+            blocked = repo and self._download_blocked(job.source)
+            if blocked:  # no download offered that could not be stored or would not run here
+                self.banner.show_message(blocked)
+                return False
+            gb = models.download_gb(job.source)
+            size = f"about {gb:.0f} GB" if gb else "its size shows once it starts"
             if repo and self.ask("Download the model?", f"{problem}. Download it now from the Hugging Face Hub? "
-                                 f"(about {models.needs_gb(job.source, None):.0f} GB; it resumes if stopped)"):
+                                 f"({size}; it resumes if stopped)"):
                 self.download(job.source)
             else:
                 self.banner.show_message(problem + (" \u2014 use Download beside the model." if repo else ""))
@@ -711,7 +730,10 @@ class MainWindow(QMainWindow):
         mem = models.memory_problem(source, bits)
         if self.downloader.running and models.repo_of(source) == self.downloader.repo:
             return
-        if problem:
+        too_big = problem and models.repo_of(source) and self._too_big(source)
+        if too_big:  # "not downloaded" alone would hide that downloading cannot help
+            self.form.show_model_state(too_big, True, False)
+        elif problem:
             self.form.show_model_state(problem, True, models.repo_of(source) is not None)
         elif mem:
             self.form.show_model_state(mem, True, False)
@@ -720,9 +742,24 @@ class MainWindow(QMainWindow):
             self.form.show_model_state(f"needs about {need:.0f} GB of memory" if need >= 1 else "tiny: runs anywhere",
                                        False, False)
 
+    def _too_big(self, source: str) -> Optional[str]:
+        """Why downloading `source` would not help: even at 4-bit it does not fit this machine's memory."""
+        mem = models.memory_problem(source, 4)
+        return f"Not downloaded, and too big for this machine: {mem}" if mem else None
+
+    def _download_blocked(self, source: str) -> Optional[str]:
+        """Why a download of `source` is not offered (too big to run here, or for the disk), else None."""
+        disk = models.disk_problem(source)
+        return self._too_big(source) or (
+            f"{models.label(source)} cannot be downloaded. {disk}. Free some space, then try again." if disk else None)
+
     def download(self, source: str):
         repo = models.repo_of(source)
         if repo is None or self.downloader.running:
+            return
+        blocked = self._download_blocked(source)
+        if blocked:
+            self.banner.show_message(blocked)
             return
         self.downloader.start(repo)
         self.form.download.setEnabled(False)
@@ -744,10 +781,19 @@ class MainWindow(QMainWindow):
         self.progress_label.setText("Download complete")
         self.banner.show_message(f"{models.label(self.form.source())} is ready: press Generate.", "info")
 
-    def _download_failed(self, message):
+    def _download_failed(self, message, kind):
         self._download_end()
         self.progress_label.setText("Download stopped")
-        self.banner.show_message(message)
+        self.banner.show_message(message, action=self.actions_["login"] if kind == "gated" else None)
+
+    def login(self) -> bool:
+        """Log in to Hugging Face (File menu, or the banner of a gated download): True once a token is saved."""
+        dlg = LoginDialog(self)
+        if not dlg.exec():
+            return False
+        self.banner.hide()  # what it said (a gated model, say) is answered
+        self.statusBar().showMessage(f"Logged in to Hugging Face as {dlg.user or 'you'}: download again", 8000)
+        return True
 
     def _download_end(self):
         self.form.download.setEnabled(True)

@@ -33,6 +33,8 @@ from PySide6.QtGui import QImage
 
 from mlx_crepulse import Blend, Cancelled, Pipeline, Recipe, Repulsion, WeightsError, mix_noise
 
+from . import models
+
 # a full preview costing more than this share of a step, and more than a glance (QUICK_FLOOR_S), is
 # replaced by the quick one
 QUICK_WHEN = 0.1
@@ -119,8 +121,9 @@ class _Runner(QObject):
             self._run(job, history)
         except Cancelled:
             self.cancelled.emit()
-        except WeightsError as e:
-            self.failed.emit(str(e), "weights")
+        except WeightsError as e:  # a download failure (a model gone from the cache) in the app's words
+            self.failed.emit(models.download_message(e.kind, models.repo_of(job.source) or job.source, str(e))
+                             if e.kind else str(e), "weights")
         except MemoryError as e:
             self.failed.emit(f"out of memory: {e or 'the model does not fit'}; try 4-bit or a smaller size", "memory")
         except ValueError as e:

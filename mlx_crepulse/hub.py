@@ -1,12 +1,14 @@
 """The Hugging Face Hub as the app and the CLI see it: which repo a model name means, whether a whole
 pipeline is in the cache, how big a download is and how much of it has arrived.
 
-`python -m mlx_crepulse.hub REPO` downloads REPO, printing `total BYTES` first and `done FOLDER` (or
-`error MESSAGE`, exit 2) at the end: the app runs it as a child process, which can be stopped at once
-and resumes where it stopped.
+`python -m mlx_crepulse.hub REPO` downloads REPO, printing `total BYTES` first and `done FOLDER` at the
+end, or `error KIND MESSAGE` (KIND one of WeightsError's kinds, or "other"; exit 2, or DISK_FULL before
+anything is fetched when the disk cannot hold what is left): the app runs it as a child process, which
+can be stopped at once and resumes where it stopped, and words each kind of failure for its users.
 """
 
 import fnmatch
+import shutil
 import sys
 from pathlib import Path
 from typing import Optional
@@ -49,16 +51,51 @@ def cached_bytes(repo: str) -> int:
     return sum(f.stat().st_size for f in blobs.iterdir() if f.is_file())
 
 
+GB = 1e9
+DISK_MARGIN = 1 * GB  # room left over: the cache's small files, and the rest of the system
+DISK_FULL = 3  # main's exit code when the disk is too small: nothing was fetched
+
+
+def cache_dir() -> Path:
+    from huggingface_hub import constants
+    return Path(constants.HF_HUB_CACHE)
+
+
+def free_bytes(path=None) -> int:
+    """Free bytes on the disk that holds `path` (default: the Hugging Face cache), measured at its
+    nearest existing folder, as the cache may not exist before the first download."""
+    path = Path(path) if path is not None else cache_dir()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def disk_problem(repo: str, total: int, free: Optional[int] = None) -> Optional[str]:
+    """A message when the disk cannot hold what is left to fetch of `repo` (`total` bytes, less what is
+    in the cache already, plus a margin); None when it can."""
+    free = free_bytes() if free is None else free
+    need = max(total - cached_bytes(repo), 0) + DISK_MARGIN
+    if need <= free:
+        return None
+    return f"Not enough disk space: {need / GB:.1f} GB needed, {free / GB:.1f} GB free in {cache_dir()}"
+
+
 def main(argv=None) -> int:
     repo = (sys.argv[1:] if argv is None else argv)[0]
     try:
-        print("total", download_size(repo), flush=True)
-    except Exception:  # noqa: BLE001 - the size is for the progress bar only; the download says what failed
-        pass
+        total = download_size(repo)
+    except Exception:  # noqa: BLE001 - the size is for the progress bar and the disk check; the download says what failed
+        total = None
+    if total is not None:
+        print("total", total, flush=True)
+        problem = disk_problem(repo, total)
+        if problem:
+            print("error disk", problem, flush=True)
+            return DISK_FULL
     try:
         print("done", weights.download(repo, progress=False), flush=True)
     except weights.WeightsError as e:
-        print("error", e, flush=True)
+        print("error", e.kind or "other", e, flush=True)
         return 2
     return 0
 

@@ -4,6 +4,7 @@ Everything that touches files lives here; the models in `models/` only take conf
 Weights are read from safetensors only; a pickle (`.bin`, `.pt`) is never opened.
 """
 
+import errno
 import json
 import os
 import re
@@ -39,8 +40,25 @@ def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
 
 
+def network_error(e: BaseException) -> bool:
+    """Whether `e` (or what caused it) is the network failing: no connection, a name not found, a timeout.
+    Told apart by class names, so it holds whichever HTTP library huggingface_hub runs on (requests, httpx)."""
+    while e is not None:
+        if {c.__name__ for c in type(e).__mro__} & {"ConnectionError", "TimeoutError", "TransportError", "Timeout"}:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 class WeightsError(Exception):
-    """A model's files are missing, unreadable or do not fit its config. The message says what to do."""
+    """A model's files are missing, unreadable or do not fit its config. The message says what to do
+    (in the CLI's words). `kind` tells a program which download failure it is, to say it in its own words:
+    "gated" (licence not accepted, or not logged in), "missing" (no such repo), "offline" (the Hub cannot
+    be reached and the cache lacks the files), "disk" (the disk filled up); None for everything else."""
+
+    def __init__(self, *args, kind=None):
+        super().__init__(*args)
+        self.kind = kind
 
 
 def resolve(source: str, progress: bool = False) -> Path:
@@ -76,18 +94,21 @@ def download(repo: str, progress: bool = True) -> str:
         return snapshot_download(repo, allow_patterns=HUB_PATTERNS, local_files_only=offline)
     except GatedRepoError as e:
         raise WeightsError(f"{repo} is gated: accept its licence on huggingface.co and log in with "
-                           "`hf auth login`, then try again") from e
+                           "`hf auth login`, then try again", kind="gated") from e
     except RepositoryNotFoundError as e:
-        raise WeightsError(f"no model {repo!r} on the Hugging Face Hub (or it is private)") from e
+        raise WeightsError(f"no model {repo!r} on the Hugging Face Hub (or it is private)", kind="missing") from e
     except LocalEntryNotFoundError as e:
         alias = next((k for k, v in ALIASES.items() if v == repo), repo)
         raise WeightsError(f"{repo} is not in the Hugging Face cache and the Hub cannot be reached "
                            f"(HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', 'unset')}); fetch it once "
-                           f"online with `python -m mlx_crepulse download {alias}`") from e
+                           f"online with `python -m mlx_crepulse download {alias}`", kind="offline") from e
     except Exception as e:  # network errors of every kind
         if offline:
-            raise WeightsError(f"{repo} is not in the Hugging Face cache and HF_HUB_OFFLINE is set") from e
-        raise WeightsError(f"could not download {repo}: {e}") from e
+            raise WeightsError(f"{repo} is not in the Hugging Face cache and HF_HUB_OFFLINE is set",
+                               kind="offline") from e
+        kind = "disk" if isinstance(e, OSError) and e.errno == errno.ENOSPC else (
+            "offline" if network_error(e) else None)
+        raise WeightsError(f"could not download {repo}: {e}", kind=kind) from e
 
 
 def cached_snapshot(repo: str) -> Path:
