@@ -9,7 +9,7 @@ from typing import Callable, Optional
 from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QDialog, QDialogButtonBox, QLabel, QLineEdit, QVBoxLayout
 
-from mlx_crepulse import weights
+from mlx_crepulse import hub
 
 TOKENS_URL = "https://huggingface.co/settings/tokens"
 
@@ -68,7 +68,7 @@ class LoginDialog(QDialog):
             info = self.verify(token)
             self.save(token)
         except Exception as e:  # noqa: BLE001 - whatever the Hub or the network says, the dialog says it plainly
-            if weights.network_error(e):
+            if hub.network_error(e):
                 return self._say("Could not reach huggingface.co: check the internet connection and try again.")
             if isinstance(e, ValueError):  # huggingface_hub's own words, e.g. an organization's token
                 return self._say(str(e))
