@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Optional
 
 from . import weights
-from .weights import network_error  # noqa: F401 - the app tells a failing network apart with it
+
+
+network_error = weights.network_error  # the app tells a failing network apart with it
 
 
 def repo_id(source: str) -> Optional[str]:

@@ -15,7 +15,7 @@ from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2
 from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu, retrieve_timesteps
 from transformers import AutoTokenizer, Qwen3ForCausalLM
 
-from mlx_crepulse import Pipeline, klein, sampling, weights
+from mlx_crepulse import Pipeline, klein, weights
 from tests import tiny_klein
 
 PROMPT = "a red circle on a blue square"
