@@ -6,7 +6,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from . import metadata, weights
+from . import hub, metadata, weights
 from .cli import check_writable
 from .cli_args import UsageError, _Parser, model_source
 from .cli_output import err
@@ -61,6 +61,8 @@ def cmd_download(argv) -> int:
         out = Path(args.output).expanduser() if args.output else Path(f"{repo.split('/')[-1]}-{args.quantize}bit")
         _check_new_folder(out)
     offline = weights.hub_offline()
+    if not offline:
+        _check_disk(repo)
     if not args.quiet and not offline:
         err(f"downloading {repo} ...")
     try:
@@ -75,6 +77,17 @@ def cmd_download(argv) -> int:
         return 0
     _save(str(snapshot), out, args.quantize, args.quiet)
     return 0
+
+
+def _check_disk(repo: str):
+    """Refuse before fetching anything when the disk cannot hold what is left of `repo` to fetch."""
+    try:
+        total = hub.download_size(repo)
+    except Exception:  # noqa: BLE001 - without the size there is nothing to check; the download says what failed
+        return
+    problem = hub.disk_problem(repo, total)
+    if problem:
+        raise UsageError(f"{problem}: free some space, or set HF_HOME to a folder on a bigger disk")
 
 
 def cmd_convert(argv) -> int:

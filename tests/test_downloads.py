@@ -84,6 +84,19 @@ def test_hub_main_skips_the_disk_check_when_the_size_is_unknown(hf_cache, monkey
     assert capsys.readouterr().out == "error offline cannot reach the Hub (HF_HUB_OFFLINE=unset)\n"
 
 
+def test_cli_download_refuses_a_full_disk_before_fetching(hf_cache, monkeypatch, capsys):
+    """`mlx-crepulse download` checks the disk as the app does: exit 2, one line naming the sizes and
+    what to do, and no download started."""
+    from mlx_crepulse import cli
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(hub, "download_size", lambda repo: 30 * GB)
+    monkeypatch.setattr(hub, "free_bytes", lambda path=None: 4 * GB)
+    monkeypatch.setattr(weights, "download", lambda *a, **k: pytest.fail("downloaded despite a full disk"))
+    assert cli.main(["download", "someone/model", "--quiet"]) == 2
+    said = capsys.readouterr().err.strip().splitlines()
+    assert len(said) == 1 and "31.0 GB needed, 4.0 GB free" in said[0] and "HF_HOME" in said[0]
+
+
 # --- the kinds of download failure ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("raised, kind", [
