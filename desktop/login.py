@@ -4,9 +4,10 @@ huggingface_hub looks for it (the CLI's `hf auth login` does the same from a ter
 may never open).
 """
 
+import threading
 from typing import Callable, Optional
 
-from PySide6.QtCore import Qt
+from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import QDialog, QDialogButtonBox, QLabel, QLineEdit, QVBoxLayout
 
 from mlx_crepulse import hub
@@ -28,7 +29,10 @@ def save_token(token: str):
 
 class LoginDialog(QDialog):
     """"Log in to Hugging Face": paste a token, OK checks it with `verify` (default whoami) and saves
-    it with `save`; a refused token or no network says so in the dialog and saves nothing."""
+    it with `save`; a refused token or no network says so in the dialog and saves nothing. Both talk to
+    huggingface.co, so they run on a thread of their own: a slow network never freezes the window."""
+
+    checked = Signal(object, object)  # (the account's info, None) or (None, what went wrong)
 
     def __init__(self, parent=None, verify: Optional[Callable] = None, save: Optional[Callable] = None):
         super().__init__(parent)
@@ -51,6 +55,8 @@ class LoginDialog(QDialog):
         self.error.hide()
         buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Ok | QDialogButtonBox.StandardButton.Cancel)
         buttons.accepted.connect(self.submit)
+        self.ok = buttons.button(QDialogButtonBox.StandardButton.Ok)
+        self.checked.connect(self._answered)
         buttons.rejected.connect(self.reject)
         lay = QVBoxLayout(self)
         lay.addWidget(intro)
@@ -59,26 +65,43 @@ class LoginDialog(QDialog):
         lay.addWidget(buttons)
         self.setMinimumWidth(440)
 
-    def submit(self) -> bool:
-        """OK: check the token, save it and close; else say why and stay open."""
+    def submit(self):
+        """OK: check the token and save it (on a thread); `_answered` closes the dialog or says why not."""
         token = self.token.text().strip()
+        if not self.ok.isEnabled():  # a check is under way already
+            return
         if not token:
             return self._say("Paste a token first.")
+        self.ok.setEnabled(False)
+        self._say("Checking the token with huggingface.co\u2026")
+        threading.Thread(target=self._check, args=(token,), daemon=True).start()
+
+    def _check(self, token: str):
         try:
             info = self.verify(token)
             self.save(token)
         except Exception as e:  # noqa: BLE001 - whatever the Hub or the network says, the dialog says it plainly
-            if hub.network_error(e):
-                return self._say("Could not reach huggingface.co: check the internet connection and try again.")
-            if isinstance(e, ValueError):  # huggingface_hub's own words, e.g. an organization's token
-                return self._say(str(e))
-            return self._say("huggingface.co did not accept this token: check that you copied all of it, "
-                             "or create a new one.")
-        self.user = (info or {}).get("name")
-        self.accept()
-        return True
+            info, error = None, e
+        else:
+            error = None
+        try:
+            self.checked.emit(info, error)
+        except RuntimeError:  # the dialog was closed and deleted meanwhile: nobody is waiting
+            pass
 
-    def _say(self, text: str) -> bool:
+    def _answered(self, info, error):
+        self.ok.setEnabled(True)
+        if error is None:
+            self.user = (info or {}).get("name")
+            self.accept()
+        elif hub.network_error(error):
+            self._say("Could not reach huggingface.co: check the internet connection and try again.")
+        elif isinstance(error, ValueError):  # huggingface_hub's own words, e.g. an organization's token
+            self._say(str(error))
+        else:
+            self._say("huggingface.co did not accept this token: check that you copied all of it, "
+                      "or create a new one.")
+
+    def _say(self, text: str):
         self.error.setText(text)
         self.error.show()
-        return False

@@ -311,7 +311,8 @@ def test_a_good_token_is_saved_where_huggingface_hub_reads_it(qtbot, token_store
     assert dlg.token.echoMode() == login_mod.QLineEdit.EchoMode.Password
     assert token_store.get() is None
     dlg.token.setText(GOOD)
-    assert dlg.submit() is True and dlg.result() == LoginDialog.DialogCode.Accepted
+    dlg.submit()
+    qtbot.waitUntil(lambda: dlg.result() == LoginDialog.DialogCode.Accepted)
     assert dlg.user == "tester" and token_store.get() == GOOD
 
 
@@ -321,12 +322,33 @@ def test_a_bad_token_or_no_network_says_so_and_saves_nothing(qtbot, token_store)
     dlg = LoginDialog(verify=token_store.whoami)
     qtbot.addWidget(dlg)
     dlg.token.setText("hf_wrong")
-    assert dlg.submit() is False and "did not accept this token" in dlg.error.text()
-    assert not dlg.error.isHidden()
+    dlg.submit()
+    qtbot.waitUntil(lambda: "did not accept this token" in dlg.error.text())
+    assert not dlg.error.isHidden() and dlg.ok.isEnabled()
 
     def unreachable(token):
         raise ConnectionError("[Errno -3] Temporary failure in name resolution")
     dlg.verify = unreachable
     dlg.token.setText(GOOD)
-    assert dlg.submit() is False and dlg.error.text().startswith("Could not reach huggingface.co")
+    dlg.submit()
+    qtbot.waitUntil(lambda: dlg.error.text().startswith("Could not reach huggingface.co"))
     assert not token_store.file.exists() and token_store.get() is None
+    assert dlg.result() != LoginDialog.DialogCode.Accepted
+
+
+def test_the_token_check_does_not_freeze_the_window(qtbot, token_store):
+    """While huggingface.co takes its time the dialog keeps answering (the check runs on a thread): it
+    says it is checking and OK cannot be pressed twice; the answer then closes it."""
+    import threading
+    release = threading.Event()
+
+    def slow(token):
+        release.wait(10)
+        return token_store.whoami(token)
+    dlg = LoginDialog(verify=slow)
+    qtbot.addWidget(dlg)
+    dlg.token.setText(GOOD)
+    dlg.submit()  # returns at once, the check still waiting
+    assert "Checking" in dlg.error.text() and not dlg.ok.isEnabled()
+    release.set()
+    qtbot.waitUntil(lambda: dlg.result() == LoginDialog.DialogCode.Accepted)
