@@ -7,6 +7,7 @@ vary subtly / strongly, Ctrl+E explores new directions, Ctrl+B blends, Ctrl+U up
 """
 
 import html
+import re
 from typing import Optional
 
 from PySide6.QtCore import QByteArray, QSettings, Qt, QTimer, Signal
@@ -65,6 +66,19 @@ def native(keys: str) -> str:
     return QKeySequence(keys).toString(QKeySequence.SequenceFormat.NativeText)
 
 
+URL = re.compile(r"https?://[^\s<>()]*[^\s<>().,;:]")  # a trailing full stop ends the sentence, not the URL
+
+
+def linked(text: str) -> str:
+    """Plain text as a label's rich text, with its URLs as links a click opens."""
+    parts, pos = [], 0
+    for m in URL.finditer(text):
+        url = html.escape(m.group())
+        parts += [html.escape(text[pos:m.start()]), f'<a href="{url}">{url}</a>']
+        pos = m.end()
+    return "".join(parts + [html.escape(text[pos:])]).replace("\n", "<br>")
+
+
 class Banner(QFrame):
     """A message above the images: errors (a model missing, too little memory), warnings, notes; with a
     button for the action that solves it, where there is one (log in, for a gated model)."""
@@ -74,7 +88,10 @@ class Banner(QFrame):
         self.setObjectName("banner")
         self.label = QLabel()
         self.label.setWordWrap(True)
-        self.label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.label.setTextFormat(Qt.TextFormat.RichText)
+        self.label.setTextInteractionFlags(Qt.TextInteractionFlag.TextBrowserInteraction)
+        self.label.setOpenExternalLinks(True)  # a gated model's page, where its licence is accepted
+        self.plain = ""
         close = QPushButton("\u2715")
         close.setFlat(True)
         close.setFixedWidth(28)
@@ -92,7 +109,8 @@ class Banner(QFrame):
         self.hide()
 
     def show_message(self, text: str, level: str = "error", action: Optional[QAction] = None):
-        self.label.setText(text)
+        self.plain = text
+        self.label.setText(linked(text))
         self.action = action
         self.action_btn.setText(action.text() if action is not None else "")
         self.action_btn.setVisible(action is not None)
@@ -103,7 +121,7 @@ class Banner(QFrame):
 
     @property
     def text(self) -> str:
-        return self.label.text() if self.isVisible() else ""
+        return self.plain if self.isVisible() else ""
 
 
 class MainWindow(QMainWindow):

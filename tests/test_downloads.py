@@ -237,6 +237,9 @@ def test_a_gated_model_asks_for_the_licence_and_offers_the_login(win, qtbot, mon
                       "accept its licence on huggingface.co and log in with `hf auth login`, then try again\n", 2)
     assert "FLUX.1-dev" in text and "https://huggingface.co/black-forest-labs/FLUX.1-dev" in text
     assert "log in" in text and "hf auth" not in text
+    # the licence page is a link a click opens (a sentence's full stop is not part of it)
+    assert '<a href="https://huggingface.co/black-forest-labs/FLUX.1-dev">' in win.banner.label.text()
+    assert win.banner.label.openExternalLinks()
     button = win.banner.action_btn
     assert not button.isHidden() and button.text() == "Log in to Hugging Face\u2026"
     opened = []
