@@ -35,10 +35,11 @@ from mlx_crepulse import Blend, Cancelled, Pipeline, Recipe, Repulsion, WeightsE
 
 from . import models
 
-# a full preview costing more than this share of a step, and more than a glance (QUICK_FLOOR_S), is
-# replaced by the quick one
+# a full preview costing more than this share of a step, and more than a wait a person notices
+# (QUICK_FLOOR_S, well above the demo's decodes even on a busy machine: its VAE is too far from linear
+# for the quick map), is replaced by the quick one
 QUICK_WHEN = 0.1
-QUICK_FLOOR_S = 0.05
+QUICK_FLOOR_S = 0.25
 
 
 @dataclass

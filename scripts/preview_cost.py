@@ -2,6 +2,7 @@
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 \
         python scripts/preview_cost.py [--size 1024] [--repeat 3]
+    python scripts/preview_cost.py --demo     # the bundled demo: a preview's decode next to a step
 
 Builds FLUX.1's VAE and FLUX.2's ([klein]) at their real shapes with random weights (the cost of a decode
 does not depend on the weights' values), decodes one latent image of the size, and times the quick
@@ -66,11 +67,31 @@ def best_of(repeat, fn, first=None) -> float:
     return min(times)
 
 
+def demo():
+    """The demo model's previews as the app meets them: the median decode and step of a 6-step batch."""
+    from mlx_crepulse import Pipeline, Recipe
+    pipe = Pipeline.from_pretrained("demo")
+    for n in (2, 4):
+        times = []
+
+        def callback(p):
+            t0 = time.perf_counter()
+            p.preview()
+            times.append((p.elapsed / p.step, time.perf_counter() - t0))
+            return True
+        pipe.generate(Recipe(prompt="a red circle", n=n, seed=1, steps=6), callback=callback)
+        step, decode = np.median(times[1:], axis=0)  # the first step also compiles
+        print(f"demo, batch of {n}: a preview's decode {decode * 1e3:.1f} ms, a step {step * 1e3:.0f} ms")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=1024, help="image side in pixels")
     ap.add_argument("--repeat", type=int, default=3, help="decodes timed; the best is reported")
+    ap.add_argument("--demo", action="store_true", help="time the bundled demo's previews instead")
     args = ap.parse_args()
+    if args.demo:
+        return demo()
     side = args.size // 8
     for name, (cls, config) in VAES.items():
         vae = cls(config)
