@@ -51,9 +51,9 @@ def describe(estimate: Optional[float], loading: bool) -> str:
     if estimate is None:
         return "Time: known after the first batch with this model"
     if estimate < 1:
-        text = "under a second"
+        text = "Under a second"
     elif estimate < 90:
-        text = f"{estimate:.0f} s"
+        text = f"About {estimate:.0f} s"
     else:
-        text = f"{estimate / 60:.0f} min"
-    return f"About {text}" + (", plus loading the model" if loading else "")
+        text = f"About {estimate / 60:.0f} min"
+    return text + (", plus loading the model" if loading else "")

@@ -384,7 +384,9 @@ class MainWindow(QMainWindow):
         im = self.selected_image()
         if im is not None:
             return self.history.batch(im.batch_id)
-        return self.batch if self.tabs.currentIndex() == 0 else self.history_view.current_batch()
+        if self.tabs.currentIndex() == 0:  # while a batch runs, its previews fill the Batch tab
+            return self.batch if self.job is None else None
+        return self.history_view.current_batch()
 
     # --- generating --------------------------------------------------------------------------------
 
@@ -446,6 +448,7 @@ class MainWindow(QMainWindow):
                           " \u00b7 working\u2026")
         self.grid.set_placeholders(job.n, job.labels)
         self._show_queue()
+        self._update_actions()
         return True
 
     def _next(self):

@@ -21,6 +21,16 @@ xdotool key ctrl+a; xdotool type --delay 20 "a red circle"; xdotool key ctrl+Ret
 shot 1-batch 12
 xdotool key s Right s                       # star two: the keys go to the grid, not the prompt
 shot 2-starred
+# (the coordinates below are for this 1280x860 screen and the window's default layout)
+xdotool mousemove 650 300; shot 2b-hover-bar 1            # the bar on the tile under the pointer
+xdotool mousemove 631 428; shot 2c-hover-tooltip 2        # its "vary strongly" button says what it does
+xdotool mousemove 170 323 click --repeat 3 1; xdotool type "16"   # a batch of 16, long enough to queue behind
+xdotool mousemove 170 150 click 1; xdotool key ctrl+a; xdotool type --delay 10 "a blue square"; xdotool key ctrl+Return
+xdotool key ctrl+a; xdotool type --delay 10 "a green triangle"; xdotool key ctrl+Return
+shot 2d-queued 1                                          # the second waits, and says so
+sleep 14; xdotool mousemove 170 323 click --repeat 3 1; xdotool type "4"
+xdotool mousemove 277 95 click 1; shot 2e-recent-prompts 1; xdotool key Escape
+xdotool mousemove 650 300 click 1; xdotool key s Right s  # back to the grid; two stars, to blend below
 xdotool key Return; shot 3-full-view 2; xdotool key Escape
 xdotool key Return; shot 4-full-view-again 2; xdotool key Escape
 xdotool key c Left c; shot 5-compare 2; xdotool key Escape

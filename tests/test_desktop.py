@@ -669,9 +669,12 @@ def test_queue_runs_batches_in_order(qtbot, make_window):
     w.form.prompt.setPlainText("a blue square")
     assert w.generate()
     assert w.form.generate.isEnabled() and w.form.generate.text() == "Add to queue"
-    w.grid.select(0)
+    # the Batch tab shows the running batch's previews: no batch there to explore or twin yet
+    assert not w.actions_["twin"].isEnabled() and not w.actions_["explore"].isEnabled()
     w.form.prompt.setPlainText("a green triangle")
-    assert w.generate() and w.twin()
+    assert w.generate()
+    w.tabs.setCurrentIndex(1)  # History: the red circle's batch is selected there
+    assert w.actions_["twin"].isEnabled() and w.twin()
     assert len(w.queue) == 2 and w.queue_label.text() == "2 waiting" and not w.clear_queue_btn.isHidden()
     qtbot.waitUntil(lambda: len(ended) == 3 and w.job is None, timeout=3 * TIMEOUT)
     assert ended == ["finished"] * 3 and not w.queue and w.queue_label.isHidden()
@@ -710,7 +713,8 @@ def test_recent_prompts_and_time_estimate(qtbot, make_window):
     assert w.form.prompt_text() == "a blue square"
     b = w.history.batches()[0]
     shown = w.form.estimate.text()
-    assert shown.startswith("About ") and "loading" not in shown  # the model is loaded
+    assert shown.startswith(("About ", "Under a second")) and "loading" not in shown  # the model is loaded
+    assert [estimate.describe(t, False) for t in (0.4, 12.3, 600)] == ["Under a second", "About 12 s", "About 10 min"]
     expected = estimate.seconds(w.form.recipe().to_dict() | {"steps": b.recipe["steps"], "width": b.recipe["width"],
                                                                 "height": b.recipe["height"]}, w.history.batches())
     assert expected is not None and expected > 0
