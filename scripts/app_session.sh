@@ -7,7 +7,7 @@ set -euo pipefail
 OUT=${1:-app-session}
 mkdir -p "$OUT"
 DATA=$(mktemp -d)
-export DISPLAY=:97 MLX_CREPULSE_APP_DIR="$DATA"
+export DISPLAY=:97 MLX_CREPULSE_APP_DIR="$DATA" XDG_CONFIG_HOME="$DATA/config"  # no preferences of yours touched
 Xvfb :97 -screen 0 1280x860x24 >/dev/null 2>&1 & XVFB=$!
 trap 'kill $XVFB 2>/dev/null; rm -rf "$DATA"' EXIT
 sleep 1
