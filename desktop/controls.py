@@ -69,7 +69,8 @@ class Form(QWidget):
     def _make_prompt(self, keys):
         self.recent_prompts = lambda: []  # the window sets where recent prompts come from (the history)
         self.recent = QToolButton()
-        self.recent.setText("Recent")
+        self.recent.setText("Recent \u25be")
+        self.recent.setStyleSheet("QToolButton::menu-indicator { image: none; width: 0px; }")  # the \u25be says it
         self.recent.setToolTip("Prompts used before, the latest first")
         self.recent.setPopupMode(QToolButton.ToolButtonPopupMode.InstantPopup)
         self.recent.setFocusPolicy(Qt.FocusPolicy.NoFocus)
