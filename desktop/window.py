@@ -11,11 +11,11 @@ import re
 from typing import Optional
 
 from PySide6.QtCore import QByteArray, QSettings, Qt, QTimer, Signal
-from PySide6.QtGui import QAction, QColor, QKeySequence, QPalette, QShortcut
+from PySide6.QtGui import QAction, QColor, QGuiApplication, QImage, QKeySequence, QPalette, QShortcut
 from PySide6.QtWidgets import (QFrame, QHBoxLayout, QLabel, QMainWindow, QMessageBox, QProgressBar,
                                QPushButton, QSplitter, QTabWidget, QToolBar, QVBoxLayout, QWidget)
 
-from mlx_crepulse import RecipeError
+from mlx_crepulse import RecipeError, metadata
 
 from . import estimate, models, refine, worker
 from .blend import BlendDialog
@@ -24,6 +24,7 @@ from .grid import Grid
 from .history import History
 from .history_view import HistoryView, plural
 from .login import LoginDialog
+from .settings import SettingsDialog, previews_on
 from .viewer import KINDS, Compare, Viewer, summary
 from .worker import Job
 
@@ -134,6 +135,7 @@ class MainWindow(QMainWindow):
         self.history = History(data_dir)
         self.settings = settings if settings is not None else QSettings()
         self.engine = engine if engine is not None else worker.engine()
+        self.engine.previews = previews_on(self.settings)
         self.job: Optional[Job] = None
         self.queue: list = []  # jobs waiting for the running one, oldest first
         self.batch = None  # the batch on the Batch tab (a history.Batch)
@@ -289,7 +291,7 @@ class MainWindow(QMainWindow):
         self.addToolBar(Qt.ToolBarArea.TopToolBarArea, tb)
         self.toolbar = tb
         self.actions_ = {}
-        menus = {name: self.menuBar().addMenu(name) for name in ("&File", "&Image", "&View", "&Help")}
+        menus = {name: self.menuBar().addMenu(name) for name in ("&File", "&Edit", "&Image", "&View", "&Help")}
 
         def act(name, text, tip, shortcut, fn, menu="&Image", toolbar=True):
             a = QAction(text, self)
@@ -316,21 +318,34 @@ class MainWindow(QMainWindow):
         menus["&File"].addSeparator()
         quit_ = act("quit", "Quit", "Close the window", QKeySequence.StandardKey.Quit, self.close, "&File", False)
         quit_.setMenuRole(QAction.MenuRole.QuitRole)
+        self._edit_actions(act)
         self._image_actions(act)
         tb.addSeparator()
-        act("view", "View", "Show the selected image full size (Enter)", None, self.view_selected, "&View")
-        act("star", "Star", "Star or un-star the selected image (S)", None, self.toggle_star, "&View")
-        act("compare", "Compare", "Pin the selected image, then compare it with another (C)", "C", self.compare_step,
+        act("view", "View", "Show the selected image full size", "Return", self.view_selected, "&View")
+        act("star", "Star", "Star or un-star the selected image (S or Space)", "S", self.toggle_star, "&View")
+        act("compare", "Compare", "Pin the selected image, then compare it with another", "C", self.compare_step,
             "&View")
         image_actions = [self.actions_[k] for k in ("view", "star", "compare", "subtle", "strong", "explore", "blend",
                                                      "upscale", "twin")]
         for grid in (self.grid, self.history_view.grid, self.favourites):  # right-click and hover: the same actions
             grid.setContextMenuPolicy(Qt.ContextMenuPolicy.ActionsContextMenu)
-            grid.addActions(image_actions)
+            grid.addActions(image_actions + [self.actions_["copy_image"], self.actions_["copy_parameters"]])
             grid.action.connect(self._bar_action)
+        for name in ("view", "star", "compare", "copy_image"):  # keys of the grid: typed in a text field they are text
+            self.actions_[name].setShortcutContext(Qt.ShortcutContext.WidgetWithChildrenShortcut)
         about = act("about", "About mlx-crepulse", "What this is", None, self._about, "&Help", False)
         about.setMenuRole(QAction.MenuRole.AboutRole)
         QShortcut(QKeySequence("Ctrl+Enter"), self, self.generate, context=Qt.ShortcutContext.WindowShortcut)
+
+    def _edit_actions(self, act):
+        act("copy_image", "Copy Image", "Copy the selected image, to paste it into another app",
+            QKeySequence.StandardKey.Copy, self.copy_image, "&Edit", False)
+        act("copy_parameters", "Copy Prompt and Settings", "Copy the selected image's prompt, seed and settings "
+            "as text (AUTOMATIC1111's format)", "Ctrl+Shift+C", self.copy_parameters, "&Edit", False)
+        self.menuBar().actions()[1].menu().addSeparator()
+        settings = act("settings", "Settings\u2026", "Previews, and where the app keeps things",
+                       "Ctrl+,", self.open_settings, "&Edit", False)  # \u2318, on macOS
+        settings.setMenuRole(QAction.MenuRole.PreferencesRole)  # macOS: in the application menu
 
     def _image_actions(self, act):
         act("subtle", "Vary subtly", "New images close to the selected one", "Ctrl+1", lambda: self.vary(refine.SUBTLE))
@@ -371,7 +386,8 @@ class MainWindow(QMainWindow):
 
     def _update_actions(self):
         im = self.selected_image()  # while a batch runs, refinements join the queue
-        for name in ("subtle", "strong", "blend", "upscale", "view", "star", "compare"):
+        for name in ("subtle", "strong", "blend", "upscale", "view", "star", "compare", "copy_image",
+                     "copy_parameters"):
             self.actions_[name].setEnabled(im is not None)
         self.actions_["explore"].setEnabled(self._context_batch() is not None)
         self.actions_["twin"].setEnabled(self._context_batch() is not None)
@@ -699,6 +715,32 @@ class MainWindow(QMainWindow):
         self.grid.set_starred(image_id, starred)
         self.history_view.set_starred(image_id, starred)
         self._update_actions()
+
+    def copy_image(self) -> bool:
+        im = self.selected_image()
+        if im is None:
+            return False
+        QGuiApplication.clipboard().setImage(QImage(str(im.path)))
+        self.statusBar().showMessage("image copied", 3000)
+        return True
+
+    def copy_parameters(self) -> bool:
+        """The text the image's PNG carries for other tools (prompt, seed, steps, ...), as written."""
+        im = self.selected_image()
+        if im is None:
+            return False
+        text = metadata.read_text_chunks(im.path).get("parameters")
+        if text is None:
+            self.banner.show_message(f"{im.path.name} carries no settings: was it changed by another program?", "warn")
+            return False
+        QGuiApplication.clipboard().setText(text)
+        self.statusBar().showMessage("prompt and settings copied", 3000)
+        return True
+
+    def open_settings(self):
+        dlg = SettingsDialog(self.settings, self.engine, self.history.folder, lambda: self.login(), self)
+        dlg.exec()
+        return dlg
 
     def view_selected(self):
         grid = self._grid()

@@ -285,6 +285,15 @@ class Engine(QObject):
         self.busy = False
 
     @property
+    def previews(self) -> bool:
+        """Whether the running and later batches show previews (read by the engine thread each step)."""
+        return self.runner.previews
+
+    @previews.setter
+    def previews(self, on: bool):
+        self.runner.previews = bool(on)
+
+    @property
     def loaded_source(self):
         return self.runner.key[0] if self.runner.key else None
 

@@ -745,3 +745,48 @@ def test_estimate_scales_measured_speed():
     assert estimate.seconds(defaults, past) == pytest.approx(4 * 3 * (256 * 256 / 256 + 64))
     assert estimate.seconds(plain | {"quantize": 4}, past) is None
     assert estimate.seconds(plain | {"model": "new"}, past) is None
+
+
+def test_edit_menu_copies_and_settings_turn_previews_off(qtbot, make_window):
+    """The menu bar is File, Edit, Image, View, Help. The grid's keys are shortcuts the menus show (S
+    stars), and typed in the prompt they stay text. Copy Image puts the PNG's own pixels on the
+    clipboard, Copy Prompt and Settings the text chunk the PNG carries. Settings turns previews off for
+    the next batch, and the choice is kept for the next window."""
+    from PySide6.QtGui import QGuiApplication, QImage
+    from desktop.settings import SettingsDialog
+    from mlx_crepulse import metadata
+
+    w = make_window(n=2)
+    assert [a.text() for a in w.menuBar().actions()] == ["&File", "&Edit", "&Image", "&View", "&Help"]
+    assert w.actions_["star"].shortcut().toString() == "S" and w.actions_["settings"].shortcut().toString() == "Ctrl+,"
+    batch = w.history.batch(generate(qtbot, w, "a red circle", seed=7))
+    assert w.grid.hasFocus() and w.grid.current == 0
+    qtbot.keyClick(w.grid, Qt.Key.Key_S)
+    assert [im.starred for im in w.history.batch(batch.id).images] == [True, False]  # once, not toggled twice
+    w.form.prompt.setFocus()
+    qtbot.keyClick(w.form.prompt, Qt.Key.Key_End, Qt.KeyboardModifier.ControlModifier)
+    qtbot.keyClick(w.form.prompt, Qt.Key.Key_S)
+    assert w.form.prompt_text() == "a red circles" and w.history.batch(batch.id).images[0].starred
+    w.grid.setFocus()
+    qtbot.keyClick(w.grid, Qt.Key.Key_C, Qt.KeyboardModifier.ControlModifier)
+    copied = QGuiApplication.clipboard().image().convertToFormat(QImage.Format.Format_RGB888)
+    assert not copied.isNull() and copied == QImage(str(batch.images[0].path)).convertToFormat(QImage.Format.Format_RGB888)
+    assert w.copy_parameters()
+    text = QGuiApplication.clipboard().text()
+    assert text == metadata.read_text_chunks(batch.images[0].path)["parameters"]
+    assert text.startswith("a red circle") and f"Seed: {batch.images[0].seed}" in text
+    dlg = SettingsDialog(w.settings, w.engine, w.history.folder, w.login, w)
+    qtbot.addWidget(dlg)
+    from PySide6.QtWidgets import QLabel
+    assert str(w.history.folder) in [label.text() for label in dlg.findChildren(QLabel)]
+    try:
+        dlg.previews.setChecked(False)
+        assert w.engine.previews is False
+        with collecting(w.engine.preview) as shown:
+            generate(qtbot, w, "a blue square")
+        assert shown == []
+        w.close()
+        again = make_window(n=2)  # the same settings file
+        assert again.engine.previews is False
+    finally:
+        w.engine.previews = True
