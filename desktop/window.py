@@ -333,6 +333,12 @@ class MainWindow(QMainWindow):
             grid.action.connect(self._bar_action)
         for name in ("view", "star", "compare", "copy_image"):  # keys of the grid: typed in a text field they are text
             self.actions_[name].setShortcutContext(Qt.ShortcutContext.WidgetWithChildrenShortcut)
+        menus["&View"].addSeparator()
+        act("next_tab", "Next Tab", "Batch, History, Favourites in turn", "Ctrl+Tab",
+            lambda: self.tabs.setCurrentIndex((self.tabs.currentIndex() + 1) % self.tabs.count()), "&View", False)
+        act("previous_tab", "Previous Tab", "Back through the tabs", "Ctrl+Shift+Tab",
+            lambda: self.tabs.setCurrentIndex((self.tabs.currentIndex() - 1) % self.tabs.count()), "&View", False)
+        act("shortcuts", "Keyboard Shortcuts", "Every key the app answers to", "F1", self.show_shortcuts, "&Help", False)
         about = act("about", "About mlx-crepulse", "What this is", None, self._about, "&Help", False)
         about.setMenuRole(QAction.MenuRole.AboutRole)
         QShortcut(QKeySequence("Ctrl+Enter"), self, self.generate, context=Qt.ShortcutContext.WindowShortcut)
@@ -365,6 +371,24 @@ class MainWindow(QMainWindow):
         action = self.actions_[name]
         if action.isEnabled():
             action.trigger()
+
+    GRID_KEYS = [("Arrows, Home, End", "move through the images"), ("Space", "star or un-star, as S does"),
+                 ("Ctrl+Enter", "generate, as Ctrl+Return does")]
+
+    def shortcuts_text(self) -> str:
+        """Every action with a shortcut, read from the actions themselves, and the grid's own keys."""
+        rows = [(a.shortcut().toString(QKeySequence.SequenceFormat.NativeText), a.text().replace("&", ""))
+                for a in self.actions_.values() if not a.shortcut().isEmpty()]
+        rows += [(keys, what) for keys, what in self.GRID_KEYS]
+        cells = "".join(f"<tr><td><b>{html.escape(k)}</b>&nbsp;&nbsp;</td><td>{html.escape(t)}</td></tr>"
+                        for k, t in rows)
+        return f"<table>{cells}</table>"
+
+    def show_shortcuts(self):
+        box = QMessageBox(QMessageBox.Icon.NoIcon, "Keyboard shortcuts", self.shortcuts_text(),
+                          QMessageBox.StandardButton.Close, self)
+        box.setTextFormat(Qt.TextFormat.RichText)
+        box.exec()
 
     def _about(self):
         QMessageBox.about(self, "mlx-crepulse", "Varied images from FLUX with contextual repulsion "

@@ -759,6 +759,16 @@ def test_edit_menu_copies_and_settings_turn_previews_off(qtbot, make_window):
     w = make_window(n=2)
     assert [a.text() for a in w.menuBar().actions()] == ["&File", "&Edit", "&Image", "&View", "&Help"]
     assert w.actions_["star"].shortcut().toString() == "S" and w.actions_["settings"].shortcut().toString() == "Ctrl+,"
+    listed = w.shortcuts_text()  # Help > Keyboard Shortcuts: every action that has a key, and the grid's keys
+    for a in w.actions_.values():
+        assert a.shortcut().isEmpty() or a.text().replace("&", "") in listed, a.text()
+    assert "Arrows" in listed and "Space" in listed
+    w.actions_["next_tab"].trigger()
+    assert w.tabs.currentIndex() == 1
+    w.actions_["previous_tab"].trigger()
+    w.actions_["previous_tab"].trigger()
+    assert w.tabs.currentIndex() == 2
+    w.tabs.setCurrentIndex(0)
     batch = w.history.batch(generate(qtbot, w, "a red circle", seed=7))
     assert w.grid.hasFocus() and w.grid.current == 0
     qtbot.keyClick(w.grid, Qt.Key.Key_S)
