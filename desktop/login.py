@@ -40,6 +40,7 @@ class LoginDialog(QDialog):
         self.verify = verify or whoami
         self.save = save or save_token
         self.user = None  # the account's name once logged in
+        self.abandoned = False
         intro = QLabel("FLUX.1-dev and FLUX.2 [klein] 9B download only for a Hugging Face account that has "
                        "accepted their licence on their pages. Create an access token (\u201cRead\u201d is enough) "
                        f'at <a href="{TOKENS_URL}">huggingface.co/settings/tokens</a> and paste it here.')
@@ -74,11 +75,18 @@ class LoginDialog(QDialog):
             return self._say("Paste a token first.")
         self.ok.setEnabled(False)
         self._say("Checking the token with huggingface.co\u2026")
-        threading.Thread(target=self._check, args=(token,), daemon=True).start()
+        self.check = threading.Thread(target=self._check, args=(token,), daemon=True)
+        self.check.start()
+
+    def reject(self):
+        self.abandoned = True  # a check still under way saves nothing
+        super().reject()
 
     def _check(self, token: str):
         try:
             info = self.verify(token)
+            if self.abandoned:
+                return
             self.save(token)
         except Exception as e:  # noqa: BLE001 - whatever the Hub or the network says, the dialog says it plainly
             info, error = None, e

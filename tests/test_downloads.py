@@ -355,3 +355,14 @@ def test_the_token_check_does_not_freeze_the_window(qtbot, token_store):
     assert "Checking" in dlg.error.text() and not dlg.ok.isEnabled()
     release.set()
     qtbot.waitUntil(lambda: dlg.result() == LoginDialog.DialogCode.Accepted)
+    # Cancel while the check runs: nothing is saved, even when the token turns out good
+    token_store.file.unlink()
+    release.clear()
+    dlg = LoginDialog(verify=slow)
+    qtbot.addWidget(dlg)
+    dlg.token.setText(GOOD)
+    dlg.submit()
+    dlg.reject()
+    release.set()
+    dlg.check.join(10)
+    assert not token_store.file.exists() and token_store.get() is None
