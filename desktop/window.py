@@ -8,6 +8,7 @@ vary subtly / strongly, Ctrl+E explores new directions, Ctrl+B blends, Ctrl+U up
 
 import html
 import re
+import sys
 from typing import Optional
 
 from PySide6.QtCore import QByteArray, QSettings, Qt, QTimer, Signal
@@ -44,8 +45,11 @@ QLabel#batchInfo { color: palette(mid); }
 """
 
 
-def apply_theme(app):
-    """A dark Fusion theme: images are judged best on a dark, neutral background."""
+def apply_theme(app, platform: str = sys.platform):
+    """On macOS the native style, light or dark as the system is set (what a Mac user expects of an app);
+    elsewhere a dark Fusion theme: images are judged best on a dark, neutral background."""
+    if platform == "darwin":
+        return
     app.setStyle("Fusion")
     p = QPalette()
     colors = {QPalette.ColorRole.Window: "#2b2d31", QPalette.ColorRole.WindowText: "#e6e6e6",

@@ -800,3 +800,23 @@ def test_edit_menu_copies_and_settings_turn_previews_off(qtbot, make_window):
         assert again.engine.previews is False
     finally:
         w.engine.previews = True
+
+
+def test_macos_keeps_its_native_style(qapp):
+    """The dark Fusion theme is for Linux and Windows; on macOS the app keeps the platform's own style
+    and palette (so the system's light or dark appearance)."""
+    from PySide6.QtWidgets import QApplication
+    from desktop.window import apply_theme
+
+    apply_theme(qapp, platform="linux")
+    themed = QApplication.palette()
+    try:
+        qapp.setStyle("Windows")  # stands in for the platform's own style, which Linux lacks
+        qapp.setPalette(QApplication.style().standardPalette())
+        native = QApplication.palette()
+        assert native != themed
+        apply_theme(qapp, platform="darwin")
+        assert QApplication.style().name().lower() == "windows" and QApplication.palette() == native
+    finally:
+        apply_theme(qapp, platform="linux")
+    assert QApplication.style().name().lower() == "fusion" and QApplication.palette() == themed
