@@ -667,6 +667,8 @@ class MainWindow(QMainWindow):
             return
         self._end("failed")
         self.progress_label.setText("Failed")
+        if kind == "weights":
+            self.update_model_state()  # a model gone from the cache: the form offers its download again
         self.banner.show_message(message, "warn" if kind == "value" else "error")
         self._restore_batch()
 

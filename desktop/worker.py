@@ -31,7 +31,7 @@ import numpy as np
 from PySide6.QtCore import QObject, QThread, Signal, Slot
 from PySide6.QtGui import QImage
 
-from mlx_crepulse import Blend, Cancelled, Pipeline, Recipe, Repulsion, WeightsError, mix_noise
+from mlx_crepulse import Blend, Cancelled, Pipeline, Recipe, Repulsion, WeightsError, hub, mix_noise
 
 from . import models
 
@@ -140,6 +140,11 @@ class _Runner(QObject):
             self.pipe = self.key = None  # free the old model before loading the new one
             import gc
             gc.collect()
+            repo = models.repo_of(job.source)
+            if repo and not hub.is_downloaded(repo):  # gone since the window checked: online, loading would
+                # fetch gigabytes here, with no progress shown and no way to stop it
+                raise WeightsError(f"{models.label(job.source)} is no longer in the download folder: download it "
+                                   "again with the Download button.")
             self.status.emit(f"loading {job.source}" + (f" ({job.quantize}-bit)" if job.quantize else "") + " ...")
             self.pipe = Pipeline.from_pretrained(job.source, quantize=job.quantize, low_memory=job.low_memory)
             self.key = job.model_key

@@ -267,17 +267,20 @@ def test_login_is_in_the_file_menu(win):
     assert "Log in to Hugging Face\u2026" in [a.text() for a in file_menu.actions()]
 
 
-def test_a_model_gone_from_the_cache_fails_in_app_words(hf_cache, monkeypatch):
-    """The engine loading schnell with an empty cache and no network (it vanished after the window
-    checked) fails with a plain sentence, not the CLI's HF_HUB_OFFLINE and `python -m` advice."""
+@pytest.mark.parametrize("offline", [True, False])
+def test_a_model_gone_from_the_cache_fails_in_app_words(offline, hf_cache, monkeypatch):
+    """The engine loading schnell with an empty cache (it vanished after the window checked) fails at
+    once with a plain sentence, not the CLI's HF_HUB_OFFLINE and `python -m` advice; online it does not
+    download it on the engine thread either (gigabytes with no progress and no cancel)."""
     from huggingface_hub import constants
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1") if offline else monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline)
+    monkeypatch.setattr(weights, "download", lambda *a, **k: pytest.fail("downloaded on the engine thread"))
     runner, failed = worker._Runner(), []
     runner.failed.connect(lambda message, kind: failed.append((message, kind)))
     runner.run(worker.Job(Recipe(prompt="a fox", model="schnell")), None)
-    assert len(failed) == 1 and failed[0][1] == "weights"
-    assert failed[0][0].startswith("No internet connection") and "HF_HUB" not in failed[0][0]
+    assert failed == [("FLUX.1-schnell is no longer in the download folder: download it again with the "
+                       "Download button.", "weights")]
 
 
 # --- the login dialog -------------------------------------------------------------------------------------
