@@ -322,11 +322,11 @@ class MainWindow(QMainWindow):
         menus["&File"].addSeparator()
         quit_ = act("quit", "Quit", "Close the window", QKeySequence.StandardKey.Quit, self.close, "&File", False)
         quit_.setMenuRole(QAction.MenuRole.QuitRole)
-        self._edit_actions(act)
+        self._edit_actions(act, menus["&Edit"])
         self._image_actions(act)
         tb.addSeparator()
         act("view", "View", "Show the selected image full size", "Return", self.view_selected, "&View")
-        act("star", "Star", "Star or un-star the selected image (S or Space)", "S", self.toggle_star, "&View")
+        act("star", "Star", "Star or un-star the selected image; Space does it too", "S", self.toggle_star, "&View")
         act("compare", "Compare", "Pin the selected image, then compare it with another", "C", self.compare_step,
             "&View")
         image_actions = [self.actions_[k] for k in ("view", "star", "compare", "subtle", "strong", "explore", "blend",
@@ -347,12 +347,12 @@ class MainWindow(QMainWindow):
         about.setMenuRole(QAction.MenuRole.AboutRole)
         QShortcut(QKeySequence("Ctrl+Enter"), self, self.generate, context=Qt.ShortcutContext.WindowShortcut)
 
-    def _edit_actions(self, act):
+    def _edit_actions(self, act, menu):
         act("copy_image", "Copy Image", "Copy the selected image, to paste it into another app",
             QKeySequence.StandardKey.Copy, self.copy_image, "&Edit", False)
         act("copy_parameters", "Copy Prompt and Settings", "Copy the selected image's prompt, seed and settings "
             "as text (AUTOMATIC1111's format)", "Ctrl+Shift+C", self.copy_parameters, "&Edit", False)
-        self.menuBar().actions()[1].menu().addSeparator()
+        menu.addSeparator()
         settings = act("settings", "Settings\u2026", "Previews, and where the app keeps things",
                        "Ctrl+,", self.open_settings, "&Edit", False)  # \u2318, on macOS
         settings.setMenuRole(QAction.MenuRole.PreferencesRole)  # macOS: in the application menu
@@ -383,7 +383,7 @@ class MainWindow(QMainWindow):
         """Every action with a shortcut, read from the actions themselves, and the grid's own keys."""
         rows = [(a.shortcut().toString(QKeySequence.SequenceFormat.NativeText), a.text().replace("&", ""))
                 for a in self.actions_.values() if not a.shortcut().isEmpty()]
-        rows += [(keys, what) for keys, what in self.GRID_KEYS]
+        rows += self.GRID_KEYS
         cells = "".join(f"<tr><td><b>{html.escape(k)}</b>&nbsp;&nbsp;</td><td>{html.escape(t)}</td></tr>"
                         for k, t in rows)
         return f"<table>{cells}</table>"

@@ -81,11 +81,8 @@ def cmd_download(argv) -> int:
 
 def _check_disk(repo: str):
     """Refuse before fetching anything when the disk cannot hold what is left of `repo` to fetch."""
-    try:
-        total = hub.download_size(repo)
-    except Exception:  # noqa: BLE001 - without the size there is nothing to check; the download says what failed
-        return
-    problem = hub.disk_problem(repo, total)
+    total = hub.known_download_size(repo)
+    problem = total is not None and hub.disk_problem(repo, total)
     if problem:
         raise UsageError(f"{problem}: free some space, or set HF_HOME to a folder on a bigger disk")
 

@@ -83,12 +83,18 @@ def disk_problem(repo: str, total: int, free: Optional[int] = None) -> Optional[
     return f"Not enough disk space: {need / GB:.1f} GB needed, {free / GB:.1f} GB free in {cache_dir()}"
 
 
+def known_download_size(repo: str) -> Optional[int]:
+    """download_size, or None when the Hub cannot say (offline, gated, no such repo): the size serves a
+    progress bar and the disk check, and the download itself then says what failed."""
+    try:
+        return download_size(repo)
+    except Exception:  # noqa: BLE001 - whatever stops the Hub answering, the download will meet it and say it
+        return None
+
+
 def main(argv=None) -> int:
     repo = (sys.argv[1:] if argv is None else argv)[0]
-    try:
-        total = download_size(repo)
-    except Exception:  # noqa: BLE001 - the size is for the progress bar and the disk check; the download says what failed
-        total = None
+    total = known_download_size(repo)
     if total is not None:
         print("total", total, flush=True)
         problem = disk_problem(repo, total)
